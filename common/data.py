@@ -1,0 +1,205 @@
+"""Datasets, prompts, and model/tokenizer loading, with errors that say what to do.
+
+Every algorithm script reads its data and model through these functions so that a comparison
+between scripts is a comparison of algorithms, not of data pipelines.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL = ROOT / "tiny" / "model"
+EMBEDDED_TRAIN = ROOT / "tiny" / "data" / "train.jsonl"
+EMBEDDED_TEST = ROOT / "tiny" / "data" / "test.jsonl"
+EMBEDDED_INSTRUCTION = " Answer in \\boxed{}."  # must equal tiny/make_tiny.py's PROMPT_SUFFIX (tested)
+DEFAULT_INSTRUCTION = " Please reason step by step, and put your final answer within \\boxed{}."
+
+# name -> (train source, eval source); a source is (hub id, config, split, question field, answer field, answer format)
+HUB_DATASETS = {
+    "gsm8k": (("openai/gsm8k", "main", "train", "question", "answer", "gsm8k"),
+              ("openai/gsm8k", "main", "test", "question", "answer", "gsm8k")),
+    # MATH training problems (the 7.5k Hendrycks train split); evaluation on MATH-500.
+    "math": (("DigitalLearningGmbH/MATH-lighteval", "default", "train", "problem", "solution", "boxed"),
+             ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", "plain")),
+}
+
+
+class UserError(SystemExit):
+    """Bad input from the user: printed as one paragraph, exit status 1, no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(f"minirlvr: error: {message}")
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    gold: str  # the final answer as a string, checked with math-verify
+
+
+def resolve_model_name(name: str) -> str:
+    """`embedded` -> the shipped tiny model; a bare `Qwen2.5-1.5B` -> `Qwen/Qwen2.5-1.5B`; paths stay."""
+    if name == "embedded":
+        return str(EMBEDDED_MODEL)
+    if os.path.exists(name) or "/" in name:
+        return name
+    if name.lower().startswith("qwen"):
+        return f"Qwen/{name}"
+    return name
+
+
+def load_tokenizer(path: str):
+    """Load a tokenizer, avoiding transformers 5.19's Qwen2 trap.
+
+    `AutoTokenizer` on a directory whose model is Qwen2 builds a `Qwen2Tokenizer` whatever the saved
+    config says, silently replacing a custom vocabulary (the embedded model has one). A local dir whose
+    tokenizer_config.json names `PreTrainedTokenizerFast` is therefore loaded with that class directly.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg = Path(path) / "tokenizer_config.json"
+    if cfg.is_file() and json.loads(cfg.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast":
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_and_tokenizer(name: str, dtype):
+    """Returns (model, tokenizer, resolved name). Unknown names get a UserError, not a traceback."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model_name(name)
+    if resolved != name:
+        print(f"model: {name!r} resolved to {resolved!r}")
+    try:
+        tok = load_tokenizer(resolved)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
+    except (OSError, ValueError) as e:
+        offline = " (HF_HUB_OFFLINE is set, so the hub was not asked)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise UserError(
+            f"could not load model {name!r} (resolved to {resolved!r}){offline}: {str(e).splitlines()[0]} "
+            f"Pass a local directory holding an HF model (config.json, weights, tokenizer), a hub id such as "
+            f"'Qwen/Qwen2.5-1.5B', or 'embedded' for the tiny model that ships with minirlvr."
+        ) from None
+    return model, tok, resolved
+
+
+def _read_rows(source: str) -> list[dict]:
+    """Rows of a local .jsonl/.json/.parquet file."""
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"dataset file {source!r} does not exist. Pass an existing .jsonl or .parquet file, "
+                        f"or one of: embedded, {', '.join(HUB_DATASETS)}.")
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"dataset file {source!r}, line {n}, is not valid JSON ({e.msg}). "
+                                    f"Each line must hold one JSON object.") from None
+        return rows
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise UserError(f"dataset file {source!r} has an unknown extension {path.suffix!r}: use .jsonl or .parquet.")
+
+
+def _read_hub(hub_id: str, config: str | None, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(hub_id, config, split=split))
+    except Exception as e:  # hub errors come in many classes; the message names the cause
+        raise UserError(f"could not load {hub_id!r} (split {split!r}) from the hub: {str(e).splitlines()[0]} "
+                        f"Without network access, download it elsewhere and pass the local .jsonl/.parquet file "
+                        f"with --dataset PATH (and --prompt-field/--answer-field).") from None
+
+
+def gold_from_field(value, answer_format: str, where: str) -> str:
+    """The gold final answer of a row: GSM8K's `#### N`, a MATH solution's last \\boxed{}, or plain text."""
+    from common.reward import extract_boxed, gsm8k_gold
+
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise UserError(f"{where}: the answer field holds a {type(value).__name__}, expected a string or number.")
+    text = str(value)
+    if answer_format == "gsm8k":
+        if "####" not in text:
+            raise UserError(f"{where}: answer {text[:80]!r} has no '#### N' final answer (answer format gsm8k). "
+                            f"Use --answer-format boxed or plain if your answers look different.")
+        return gsm8k_gold(text)
+    if answer_format == "boxed":
+        boxed = extract_boxed(text)
+        if boxed is None:
+            raise UserError(f"{where}: answer {text[:80]!r} has no \\boxed{{...}} (answer format boxed).")
+        return boxed
+    return text.strip()
+
+
+def resolve_dataset(dataset: str, prompt_field: str | None, answer_field: str | None, answer_format: str | None,
+                    eval_dataset: str | None):
+    """Turn the --dataset flags into (train source, eval source or None), sources as in HUB_DATASETS.
+
+    A local file's eval set is --eval-dataset (same field names); without it the run has no evaluation.
+    """
+    if dataset in HUB_DATASETS:
+        train, test = HUB_DATASETS[dataset]
+    elif dataset == "embedded":
+        train = (str(EMBEDDED_TRAIN), None, None, "question", "answer", "gsm8k")
+        test = (str(EMBEDDED_TEST), None, None, "question", "answer", "gsm8k")
+    else:
+        train, test = (dataset, None, None, "question", "answer", "gsm8k"), None
+    train = (*train[:3], prompt_field or train[3], answer_field or train[4], answer_format or train[5])
+    if eval_dataset is not None:
+        test = (eval_dataset, None, None, *train[3:])
+    return train, test
+
+
+def load_examples(source, tokenizer, instruction: str, max_prompt_len: int, name: str) -> tuple[list[Example], int]:
+    """Read, validate and tokenize a dataset. Returns (examples, number skipped for being too long)."""
+    path, config, split, q_field, a_field, a_format = source
+    rows = _read_hub(path, config, split) if split is not None else _read_rows(path)
+    if not rows:
+        raise UserError(f"{name} dataset {path!r} is empty: it needs at least one row with fields "
+                        f"{q_field!r} and {a_field!r}.")
+    examples, skipped = [], 0
+    for i, row in enumerate(rows):
+        where = f"{name} dataset {path!r}, row {i}"
+        if not isinstance(row, dict):
+            raise UserError(f"{where} is a {type(row).__name__}, expected an object with fields {q_field!r}, {a_field!r}.")
+        for field in (q_field, a_field):
+            if field not in row:
+                raise UserError(f"{where} has no field {field!r} (it has: {', '.join(map(str, row)) or 'none'}). "
+                                f"Name the fields with --prompt-field and --answer-field.")
+        if not isinstance(row[q_field], str):
+            raise UserError(f"{where}: the prompt field {q_field!r} holds a {type(row[q_field]).__name__}, "
+                            f"expected a string.")
+        ids = encode_prompt(tokenizer, row[q_field], instruction)
+        if len(ids) > max_prompt_len:
+            skipped += 1
+            continue
+        examples.append(Example(ids, gold_from_field(row[a_field], a_format, where)))
+    if not examples:
+        raise UserError(f"every prompt of the {name} dataset {path!r} is longer than --max-prompt-len "
+                        f"{max_prompt_len} tokens ({skipped} skipped). Raise --max-prompt-len.")
+    return examples, skipped
+
+
+def encode_prompt(tokenizer, question: str, instruction: str) -> list[int]:
+    """The question plus the \\boxed{} instruction, in the tokenizer's chat template where it has one."""
+    content = question + instruction
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(content, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,239 @@
+"""The colocated vLLM rollout engine and its in-place weight sync.
+
+One vLLM engine lives in the trainer's own process and on the trainer's own device. Each RL step:
+
+    engine.wake_up()                      # CUDA: weights back on the GPU, KV cache re-allocated
+    engine.push_weights(policy)           # trainer weights -> vLLM, in memory, no disk
+    batch = engine.generate(prompt_ids, n=G, temperature=T, top_p=1.0, max_tokens=L)
+    engine.sleep()                        # CUDA: frees the engine's GPU memory for the update
+
+vLLM only ever sees token ids (`skip_tokenizer_init=True`, `detokenize=False`): a custom tokenizer
+saved next to a Qwen2 model would be silently replaced by `Qwen2Tokenizer` if vLLM loaded one, so
+the caller tokenizes and decodes with its own tokenizer, and the stop ids are passed explicitly.
+
+vllm is imported lazily (in `vllm_available` and `VLLMEngine`), so `RolloutBatch`, which the HF
+`generate` fallback of the scripts also returns, imports without vllm installed. See docs/vllm.md.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    """Completions of a batch of prompts, grouped by prompt: prompt 0's n completions come first."""
+
+    completion_ids: list[list[int]]  # len(prompts) * n; ends with the stop token when finished
+    logprobs: list[list[float]]  # the sampler's log-prob of each completion token (see generate)
+    finished: list[bool]  # True: ended with an eos/stop token; False: cut at max_tokens
+    seconds: float  # wall time of the generation
+
+
+def _import_vllm():
+    # In-process engine: the trainer and vLLM share one process, so weights are pushed as tensors
+    # through `collective_rpc` (a multiprocess engine cannot receive tensors that way).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is far larger
+    import vllm
+
+    return vllm
+
+
+@cache
+def vllm_available() -> bool:
+    """True when vllm imports. A broken install (e.g. CUDA torchvision next to CPU torch) counts as absent."""
+    try:
+        _import_vllm()
+    except Exception:  # ImportError, or the RuntimeError of a mismatched torch extension
+        return False
+    return True
+
+
+def _eos_token_ids(model_dir: str) -> list[int]:
+    """The eos id(s) of generation_config.json, else of config.json (either may be an int or a list)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    if eos is None:
+        eos = AutoConfig.from_pretrained(model_dir).get_text_config().eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def checkpoint_tensors(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF checkpoint name, detached tensor in `dtype`) for every parameter and persistent buffer.
+
+    A tied `lm_head.weight` is the same tensor as `model.embed_tokens.weight`; only the first name
+    is yielded (vLLM would skip the alias anyway, and it is vocab x hidden of copying for nothing).
+    A generator: each tensor is converted just before vLLM copies it in, not all at once.
+    """
+    seen = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield name, tensor.detach().to(dtype)
+
+
+def _redispatch_lm_head(vllm_model: torch.nn.Module) -> None:
+    # vLLM on CPU computes the logits from a prepacked copy of lm_head's weight made at load time.
+    # A tied lm_head receives no weights during a reload (they go to embed_tokens), so its packed
+    # copy stays stale (log-prob errors ~1) unless repacked from the shared, updated weight.
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    dispatch_cpu_unquantized_gemm(vllm_model.lm_head, remove_weight=False)
+
+
+class VLLMEngine:
+    """A vLLM engine colocated with the trainer, fed token ids, synced in place from the policy."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: torch.dtype,
+        seed: int,
+        max_model_len: int,
+        gpu_memory_utilization: float = 0.3,
+        enable_sleep_mode: bool | None = None,
+        stop_token_ids: Sequence[int] = (),
+    ):
+        """model_dir: a saved HF model (config + safetensors) with the policy's architecture and names.
+        gpu_memory_utilization: share of the GPU for the engine's weights and KV cache (ignored on CPU).
+        enable_sleep_mode: free the engine's GPU memory between rollouts; default on CUDA only.
+        stop_token_ids: ids that end a completion besides the model's eos id(s).
+        """
+        vllm = _import_vllm()
+        self.on_cuda = torch.cuda.is_available()
+        self.dtype = dtype
+        self.sleep_mode = self.on_cuda if enable_sleep_mode is None else enable_sleep_mode
+        self.asleep = False
+        self.stop_token_ids = list(dict.fromkeys(_eos_token_ids(model_dir) + list(stop_token_ids)))
+        if not self.stop_token_ids:
+            raise ValueError(f"{model_dir} has no eos_token_id: pass stop_token_ids, or completions never end")
+        from transformers import AutoConfig
+
+        tied = AutoConfig.from_pretrained(model_dir).get_text_config().tie_word_embeddings
+        self.redispatch_lm_head = False  # MUT  # on CUDA lm_head reads the shared weight directly
+
+        threads = torch.get_num_threads()
+        self.llm = vllm.LLM(
+            model=model_dir,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_sleep_mode=self.sleep_mode,
+            enforce_eager=not self.on_cuda,  # CPU: no graph capture; CUDA: CUDA graphs for decoding
+            skip_tokenizer_init=True,  # token ids in and out; see the module docstring
+            logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled from
+        )
+        # A vLLM GPU worker sets torch to 1 intra-op thread "for serving"; in-process that would be
+        # the trainer's setting too. (On CPU vLLM pins threads and disables torch.set_num_threads.)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Copy (HF checkpoint name, tensor) pairs into the engine in place; returns the seconds taken."""
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if self.redispatch_lm_head:
+            self.llm.apply_model(_redispatch_lm_head)
+        # Cached KV blocks of shared prompt prefixes were computed by the old weights.
+        self.llm.reset_prefix_cache()
+        if self.on_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def push_weights(self, model: torch.nn.Module) -> float:
+        """Sync the engine to the trainer's `model` (an HF model, unwrapped), in memory; returns seconds.
+
+        Train mode, gradient checkpointing and the trainer's dtype do not matter: the parameters and
+        persistent buffers are sent, detached and cast to the engine's dtype.
+        """
+        if self.asleep:
+            raise RuntimeError("wake_up() the engine before push_weights()")
+        return self.load_weights(checkpoint_tensors(model, self.dtype))
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        seed: int | None = None,
+    ) -> RolloutBatch:
+        """Sample n completions of each prompt (token ids in, token ids out).
+
+        logprobs: vLLM's `processed_logprobs`, i.e. log_softmax(logits / temperature) of the sampled
+        token, renormalised over the nucleus when top_p < 1 (plain log_softmax(logits) when greedy).
+        A completion that stops on an eos/stop id includes that id once, as its last token.
+        seed: None draws from the engine's random stream (seeded at construction). An int gives each
+        prompt its own seed (vLLM adds the completion index for the n samples), so the same seed and
+        prompts give the same completions whatever else the engine did before. Pass a new seed per
+        step (e.g. `args.seed * 1_000_000 + global_step`). Seeded requests cost a little sampling time.
+        """
+        if self.asleep:
+            raise RuntimeError("wake_up() the engine before generate()")
+        from vllm import SamplingParams
+
+        def params(request_seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                stop_token_ids=self.stop_token_ids,
+                logprobs=0,  # the sampled token's log-prob only
+                detokenize=False,
+                seed=request_seed,
+            )
+
+        if seed is None:
+            sampling = params(None)
+        else:  # unrelated per-prompt seeds, so neighbouring seeds or prompts share no sample stream
+            sampling = [params(int(s)) for s in np.random.SeedSequence(seed).generate_state(len(prompt_ids))]
+        start = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], sampling, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+        return RolloutBatch(
+            completion_ids=[list(c.token_ids) for c in completions],
+            logprobs=[[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in completions],
+            finished=[c.finish_reason == "stop" for c in completions],
+            seconds=seconds,
+        )
+
+    def sleep(self) -> None:
+        """CUDA sleep mode level 1: weights to CPU memory, KV cache dropped. A no-op without sleep mode."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Undo `sleep`. A no-op without sleep mode."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory; another engine can then be built in this process."""
+        self.llm.llm_engine.engine_core.shutdown()  # also tears down vLLM's process-global distributed state
+        del self.llm
+        gc.collect()
+        if self.on_cuda:
+            torch.cuda.empty_cache()
