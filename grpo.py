@@ -285,18 +285,18 @@ def evaluate(generate, examples, tokenizer, checker, batch_size=256):
 if __name__ == "__main__":
     # TRY NOT TO MODIFY: setup
     args = tyro.cli(Args)
+    resume_state, resume_dir = None, None
+    if args.resume:  # the run's own flags come back; flags given now override them
+        resume_state, ckpt = load_checkpoint(args.resume)
+        resume_dir = ckpt.parent.parent
+        args = tyro.cli(Args, default=Args(**{**resume_state["args"], "resume": args.resume}))
     preset = PRESETS["embedded" if args.model == "embedded" else "real"]
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.instruction is None:
         args.instruction = EMBEDDED_INSTRUCTION if args.dataset == "embedded" else DEFAULT_INSTRUCTION
-    resume_state, resume_dir = None, None
-    if args.resume:
-        resume_state, ckpt = load_checkpoint(args.resume)
-        resume_dir = ckpt.parent.parent
-        args.run_name = resume_state["run_name"]
-    else:
+    if not args.resume:
         args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = resume_dir or Path(args.output_dir) / args.run_name
     try:
@@ -348,11 +348,18 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
     checker = RewardChecker(timeout_s=args.reward_timeout_s)
+
+    # ALGO LOGIC: the algorithm's own trainable state, saved in checkpoints by name (GRPO: none)
+    algo_state = {}
+
+    # TRY NOT TO MODIFY: resume, logging, checkpoints
     global_step, wandb_id = 0, None
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
+        for name, obj in algo_state.items():
+            obj.load_state_dict(resume_state["algo"][name])
         set_rng_state(resume_state["rng"])
         global_step, wandb_id = resume_state["step"], resume_state["wandb_id"]
         print(f"resumed {args.run_name} at step {global_step} from {ckpt}")
@@ -377,7 +384,8 @@ if __name__ == "__main__":
     def checkpoint(step: int) -> Path:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step, "wandb_id": wandb_id,
-                 "run_name": args.run_name, "data_position": step * args.prompts_per_step, "args": asdict(args)}
+                 "run_name": args.run_name, "data_position": step * args.prompts_per_step, "args": asdict(args),
+                 "algo": {name: obj.state_dict() for name, obj in algo_state.items()}}
         return save_checkpoint(run_dir / "checkpoints", step, state, args.keep_last)
 
     pushed_at = [-1]  # the step whose weights the engine holds

@@ -33,40 +33,41 @@ def _chunk_stats(logits: torch.Tensor, index: torch.Tensor, temperature: float, 
     return logp, ent
 
 
-def _row_chunked(fn, rows: list[torch.Tensor], index: torch.Tensor, with_entropy: bool):
-    """Apply fn(*row_chunks, index_chunk) -> (logp, ent) over CHUNK_ROWS rows at a time; concat."""
-    n = index.numel()
+def _row_chunked(fn, rows: torch.Tensor, index: torch.Tensor, *args):
+    """fn(rows_chunk, index_chunk, *args) -> (logp, ent or None) over CHUNK_ROWS rows at a time.
+
+    Each chunk runs under checkpoint, so autograd keeps no per-chunk fp32 tensors: the backward
+    recomputes one chunk at a time. split (not slicing) makes the backward one cat of the chunk
+    grads instead of a full-size zeros tensor per chunk."""
     logps, ents = [], []
-    for s in range(0, n, CHUNK_ROWS):
-        lp, en = fn(*(r[s : s + CHUNK_ROWS] for r in rows), index[s : s + CHUNK_ROWS])
+    for r, i in zip(rows.split(CHUNK_ROWS), index.split(CHUNK_ROWS)):
+        lp, en = checkpoint(fn, r, i, *args, use_reentrant=False)
         logps.append(lp)
-        ents.append(en)
-    empty = torch.zeros(0, device=index.device)
-    logp = torch.cat(logps) if logps else empty
-    return logp, ((torch.cat(ents) if ents else empty) if with_entropy else None)
+        ents.append(en)  # split gives one empty chunk for zero rows, so the lists are never empty
+    return torch.cat(logps), (torch.cat(ents) if ents[0] is not None else None)
+
+
+def _reshaped(logp, ent, shape):
+    return logp.reshape(shape), (ent.reshape(shape) if ent is not None else None)
 
 
 def selective_log_softmax_torch(logits, index, temperature=1.0, with_entropy=False):
     """Reference: log_softmax(logits / T).gather(index), row-chunked. logits (..., V), index (...)."""
     flat, idx = logits.reshape(-1, logits.shape[-1]), index.reshape(-1)
-    logp, ent = _row_chunked(lambda x, i: _chunk_stats(x, i, temperature, with_entropy), [flat], idx, with_entropy)
-    return logp.reshape(index.shape), (ent.reshape(index.shape) if ent is not None else None)
+    logp, ent = _row_chunked(_chunk_stats, flat, idx, temperature, with_entropy)
+    return _reshaped(logp, ent, index.shape)
 
 
-def _head_chunk(hidden, weight, index, temperature, with_entropy):
+def _head_chunk(hidden, index, weight, temperature, with_entropy):
     return _chunk_stats(hidden @ weight.T, index, temperature, with_entropy)  # (n, V) for n rows only
 
 
 def hidden_logprobs_torch(hidden, weight, index, temperature=1.0, with_entropy=False):
-    """Reference for the fused LM head: row chunks of hidden @ weight.T, each under checkpoint so
-    the backward recomputes a chunk's logits instead of keeping all of them. hidden (..., d)."""
+    """Reference for the fused LM head: row chunks of hidden @ weight.T; as every chunk runs under
+    checkpoint, the backward recomputes a chunk's logits instead of keeping all of them."""
     h, idx = hidden.reshape(-1, hidden.shape[-1]), index.reshape(-1)
-
-    def chunk(h_c, i_c):
-        return checkpoint(_head_chunk, h_c, weight, i_c, temperature, with_entropy, use_reentrant=False)
-
-    logp, ent = _row_chunked(chunk, [h], idx, with_entropy)
-    return logp.reshape(index.shape), (ent.reshape(index.shape) if ent is not None else None)
+    logp, ent = _row_chunked(_head_chunk, h, idx, weight, temperature, with_entropy)
+    return _reshaped(logp, ent, index.shape)
 
 
 def _plain(logits, index, temperature, with_entropy):

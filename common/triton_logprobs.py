@@ -144,7 +144,7 @@ class _Stats:
         )
 
     def finalize(self, valid, with_entropy):
-        """(logp, entropy or None, lse); ignored rows give 0 (lse 0 keeps the backward finite)."""
+        """(logp, entropy or None, lse); ignored rows give 0 (lse 0 keeps nan out of the backward)."""
         log_s = self.s.log()
         lse = torch.where(valid, self.m + log_s, 0.0)
         logp = torch.where(valid, self.xy - lse, 0.0)
@@ -154,7 +154,7 @@ class _Stats:
 
 def _launch_grad(x, T, sb, st, g, idx, lse, ent, g_logp, g_ent, col0, n_cols, inv_temp, ignore_index, block_v):
     bv, warps = _block(n_cols, block_v)
-    dummy = lse  # stands in for an absent upstream grad; never read (HAS_* is False)
+    dummy = lse  # stands in for an absent tensor; never read (HAS_* is False)
     _grad_kernel[(idx.numel(), triton.cdiv(n_cols, bv))](
         x, T, sb, st, g, g.stride(0), idx, lse, ent if ent is not None else dummy,
         g_logp if g_logp is not None else dummy, g_ent if g_ent is not None else dummy,
@@ -189,11 +189,9 @@ class _LogitsLogprobs(torch.autograd.Function):
         T, sb, st, shape, inv_temp, ignore_index, block_v = ctx.args
         V = shape[-1]
         g = torch.empty((idx.numel(), V), dtype=x.dtype, device=x.device)
-        if idx.numel() and (g_logp is not None or g_ent is not None):
+        if idx.numel():  # the kernel writes every element, zeros where there is no gradient
             _launch_grad(x, T, sb, st, g, idx, lse, ent, _flat_grad(g_logp), _flat_grad(g_ent),
                          0, V, inv_temp, ignore_index, block_v)
-        else:
-            g.zero_()
         return g.view(shape), None, None, None, None, None
 
 
@@ -219,7 +217,7 @@ class _HeadLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         n, V = hidden.shape[0], weight.shape[0]
         g_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        g_weight = torch.zeros_like(weight) if need_w else None  # zeros: an early return keeps it
+        g_weight = torch.zeros_like(weight) if need_w else None  # zeros if returned untouched below
         g_logp, g_ent = _flat_grad(g_logp), _flat_grad(g_ent)
         if n == 0 or (g_logp is None and g_ent is None):
             return _cast(g_hidden, hidden), g_weight, None, None, None, None, None, None

@@ -180,7 +180,7 @@ class VLLMEngine:
         seed: None draws from the engine's random stream (seeded at construction). An int gives each
         prompt its own seed (vLLM adds the completion index for the n samples), so the same seed and
         prompts give the same completions whatever else the engine did before. Pass a new seed per
-        step (e.g. `args.seed * 1_000_000 + global_step`). Seeded requests cost a little sampling time.
+        step (e.g. `args.seed * 1_000_003 + global_step`). Seeded requests cost a little sampling time.
         """
         if self.asleep:
             raise RuntimeError("wake_up() the engine before generate()")

@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 
 from common.logprobs import hidden_logprobs, hidden_logprobs_torch, token_logprobs  # noqa: E402
 
-triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 tk = pytest.importorskip("common.triton_logprobs")
 
 DEV = "cuda" if ON_GPU else "cpu"
@@ -120,7 +120,8 @@ def test_logits_kernel_reads_strided_3d_views():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "plain"])
-def test_ignored_rows_give_zero_and_no_gradient(backend):
+def test_ignored_rows_give_zero_and_no_gradient(backend, monkeypatch):
+    monkeypatch.setattr("common.logprobs.CHUNK_ROWS", 4)  # the torch reference: two checkpointed chunks
     x, index = random_case()
     index[[1, 4]] = IGNORE
     got, want = run_logits(x, index, 1.0, torch.float32, backend=backend)
@@ -221,6 +222,18 @@ def test_without_entropy_and_only_entropy_grad():
     check_close(xl.grad, x_ref.grad, 2e-5, "grad of entropy alone")
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "plain"])
+def test_empty_inputs(backend):
+    empty = torch.zeros(0, dtype=torch.long, device=DEV)
+    x = torch.zeros(0, 7, device=DEV, requires_grad=True)
+    lp, ent = token_logprobs(x, empty, 1.0, True, backend)
+    (lp.sum() + ent.sum()).backward()
+    assert lp.shape == ent.shape == (0,) and x.grad.shape == (0, 7)
+    h, w = torch.zeros(0, 3, device=DEV), torch.ones(7, 3, device=DEV)
+    lp, ent = hidden_logprobs(h, w, empty, 1.0, True, backend)
+    assert lp.shape == ent.shape == (0,)
+
+
 # ---------------------------------------------------------------- kernel 2: fused LM head
 D = 24
 
@@ -268,7 +281,8 @@ def test_head_kernel_matches_float64(dtype, temperature):
     def kernel(h, w, i, t):
         return tk.head_logprobs(h, w, i, t, True, IGNORE, chunk_v=CHUNK_V, block_v=128)
 
-    check_head(run_head(hidden, weight, index, temperature, kernel), head_reference(hidden, weight, index, temperature), dtype)
+    want = head_reference(hidden, weight, index, temperature)
+    check_head(run_head(hidden, weight, index, temperature, kernel), want, dtype)
 
 
 @pytest.mark.parametrize("backend", ["torch", "plain"])
@@ -279,7 +293,8 @@ def test_head_torch_paths_match_float64(backend, monkeypatch):
     def torch_path(h, w, i, t):
         return hidden_logprobs(h, w, i, t, True, backend, IGNORE)
 
-    check_head(run_head(hidden, weight, index, 0.7, torch_path), head_reference(hidden, weight, index, 0.7), torch.float32)
+    want = head_reference(hidden, weight, index, 0.7)
+    check_head(run_head(hidden, weight, index, 0.7, torch_path), want, torch.float32)
 
 
 def test_head_kernel_frozen_weight_and_no_entropy():

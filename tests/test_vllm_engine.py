@@ -78,7 +78,8 @@ def generate(engine, seed, n=4, max_tokens=16, prompts=PROMPTS, temperature=TEMP
 
 def test_import_without_vllm():
     # The scripts import RolloutBatch for their HF fallback: that must not pull in vllm.
-    code = "import sys; from common.vllm_engine import RolloutBatch, VLLMEngine, vllm_available; print('vllm' in sys.modules)"
+    code = ("import sys; from common.vllm_engine import RolloutBatch, VLLMEngine, vllm_available; "
+            "print('vllm' in sys.modules)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

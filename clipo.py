@@ -1,0 +1,715 @@
+"""CLIPO: Contrastive Learning in Policy Optimization, GRPO with a contrastive reward bonus.
+
+Paper: "CLIPO: Contrastive Learning in Policy Optimization Generalizes RLVR" (arXiv 2603.10101); official code:
+github.com/Qwen-Applications/CLIPO (built on verl 0.6). Spec: ALGORITHMS.md section 1; docs: docs/clipo.md.
+
+How this file differs from grpo.py:
+1. after the rollouts, a no-grad forward of the rollout policy gives each response's representation h_i: the mean
+   of the last layer's hidden states (after the final norm) over its tokens, in fp32 (`pooled_hidden`);
+2. a separate contrastive head z_i = normalize(W h_i) (`ContrastiveHead`, Linear(d, D) or `--head mlp`) with its
+   own AdamW, saved in checkpoints; it takes one step per RL step on a group InfoNCE (`group_infonce`, tau 0.05):
+   an anchor is a correct rollout whose group holds another correct and at least one incorrect rollout; it gets
+   ONE positive drawn from the other correct ones (`sample_positives`, seeded by (seed, step)), and every other
+   member of the group in the denominator. The loss never reaches the policy;
+3. the anchors' rewards are shaped, r'_i = r_i + max(-lambda L_i, -0.5), with L_i detached and computed before
+   the head's step (`contrastive_bonus`); GRPO's advantages are computed from r';
+4. `--head-warmup-steps N`: for the first N steps only the head trains, the policy does not change.
+
+Paper vs official code, and our choices (docs/clipo.md has the full list):
+- the GRPO part keeps grpo.py's defaults so that `clipo.py` vs `grpo.py` compares the bonus alone; the official
+  scripts use token-mean, k3 KL coef 0.001 and std eps 1e-6: `--agg token-mean --beta 0.001 --adv-eps 1e-6`;
+- InfoNCE: the exact formula by default; the official `supcon_loss` subtracts the row maximum (1/tau) and adds
+  1e-8 inside the log, which adds 1e-8 e^(1/tau) = 4.85 to the denominator: `--supcon-eps 1e-8`;
+- the official scripts freeze the policy for their first epoch (verl `critic_warmup` 14 on GSM8K, 58 on MATH,
+  i.e. 13 and 57 steps): `--head-warmup-steps 13`; the default here is 0;
+- the official head dim is 512 on GSM8K and 2048 on MATH: `--head-dim 2048`.
+
+Real run (one GPU):  python clipo.py --model Qwen2.5-1.5B --dataset gsm8k --track
+Default (CPU, minutes): python clipo.py
+"""
+# TRY NOT TO MODIFY: imports
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+from common.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common.data import (DEFAULT_INSTRUCTION, EMBEDDED_INSTRUCTION, UserError, load_examples,
+                         load_model_and_tokenizer, resolve_dataset)
+from common.logprobs import hidden_logprobs
+from common.reward import RewardChecker
+from common.vllm_engine import VLLMEngine, vllm_available
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (the script's name)"""
+    seed: int = 1
+    """seed of Python, NumPy, torch, the data order and the rollout engine"""
+    track: bool = False
+    """log to Weights & Biases (a local metrics.jsonl is always written)"""
+    wandb_project_name: str = "minirlvr"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    output_dir: str = "runs"
+    """runs are written to OUTPUT_DIR/RUN_NAME: metrics.jsonl, checkpoints/, final/"""
+
+    # model and data
+    model: str = "embedded"
+    """a local HF model dir, a hub id, a bare Qwen name (`Qwen2.5-1.5B` -> `Qwen/Qwen2.5-1.5B`), or `embedded`"""
+    dataset: Optional[str] = None
+    """`embedded`, `gsm8k`, `math` (train on MATH, eval on MATH-500), or a local .jsonl/.parquet (preset)"""
+    eval_dataset: Optional[str] = None
+    """a local eval file for a local --dataset (same field names); hub datasets bring their own test split"""
+    prompt_field: Optional[str] = None
+    """the field holding the question (default: question, or problem for MATH)"""
+    answer_field: Optional[str] = None
+    """the field holding the gold answer (default: answer, or solution for MATH)"""
+    answer_format: Optional[Literal["gsm8k", "boxed", "plain"]] = None
+    """how the answer field holds the final answer: after `####`, in the last \\boxed{}, or as is"""
+    instruction: Optional[str] = None
+    """appended to each question; asks for the final answer in \\boxed{} (default depends on the dataset)"""
+    max_prompt_len: int = 512
+    """prompts longer than this many tokens are skipped and counted"""
+
+    # rollouts
+    group_size: int = 8
+    """G: completions sampled per prompt"""
+    prompts_per_step: Optional[int] = None
+    """prompts per rollout batch; the batch holds prompts_per_step * group_size completions (preset)"""
+    max_new_tokens: Optional[int] = None
+    """the longest completion, in tokens (preset)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed at the same temperature"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    vllm: bool = True
+    """generate with the colocated vLLM engine when vLLM is installed (--no-vllm: HF generate)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """the share of GPU memory vLLM may take (its weights and KV cache; it sleeps while the trainer steps)"""
+    tis_cap: Optional[float] = None
+    """truncated importance sampling: weight each token by min(pi_old / pi_vllm, cap) (off: None)"""
+
+    # optimisation
+    total_steps: Optional[int] = None
+    """rollout batches to train on (preset)"""
+    learning_rate: Optional[float] = None
+    """AdamW learning rate (preset: 1e-6 for real models, 3e-5 for the embedded tiny model)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 0
+    """linear learning-rate warm-up, in optimizer steps; constant after"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch over a rollout batch"""
+    update_epochs: int = 1
+    """epochs over each rollout batch; with one update in all, rho == 1 and old log-probs are the detached current ones"""
+    micro_batch_size: Optional[int] = None
+    """sequences per forward/backward; gradients accumulate over micro-batches (preset)"""
+    gradient_checkpointing: Optional[bool] = None
+    """recompute activations in the backward (preset: on for real models)"""
+    logprob_backend: Literal["auto", "torch", "triton", "plain"] = "auto"
+    """log-prob kernels: auto (Triton on CUDA, chunked torch on CPU), or plain log_softmax(...).gather"""
+
+    # ALGO LOGIC: GRPO's arguments (ALGORITHMS.md section 0), then CLIPO's (section 1; official values)
+    scale_rewards: bool = True
+    """divide advantages by the group std (Dr. GRPO: --no-scale-rewards)"""
+    adv_eps: float = 1e-4
+    """eps added to the group std (verl/EasyR1: 1e-6)"""
+    agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    """loss aggregation: DeepSeekMath GRPO, DAPO token-mean, Dr. GRPO constant normaliser (max_new_tokens)"""
+    eps_low: float = 0.2
+    """lower clip of the ratio"""
+    eps_high: float = 0.2
+    """upper clip of the ratio (DAPO clip-higher: 0.28)"""
+    beta: float = 0.0
+    """k3 KL coefficient to a frozen copy of the initial policy (0: no reference model)"""
+    drop_zero_std_groups: bool = False
+    """drop groups whose rewards are all equal from the loss (they are always counted in frac_reward_zero_std)"""
+    head: Literal["linear", "mlp"] = "linear"
+    """the contrastive head: Linear(d, D), or `mlp` Linear(d, d) -> ReLU -> Linear(d, D) (no biases, as official)"""
+    head_dim: int = 512
+    """D, the contrastive embedding size (official: 512 on GSM8K, 2048 on MATH)"""
+    head_lr: float = 1e-3
+    """AdamW learning rate of the head (one step per RL step)"""
+    head_weight_decay: float = 0.01
+    """AdamW weight decay of the head"""
+    head_warmup_steps: int = 0
+    """the first N steps train only the head; the policy does not change (official: one epoch, 13 steps on GSM8K)"""
+    tau: float = 0.05
+    """InfoNCE temperature"""
+    bonus_coef: float = 0.2
+    """lambda: an anchor's reward bonus is -lambda * L_i"""
+    bonus_min: float = -0.5
+    """the bonus is clamped from below at this value"""
+    supcon_eps: float = 0.0
+    """added inside the log after subtracting the row max 1/tau, as the official supcon_loss (1e-8); 0: exact InfoNCE"""
+
+    # TRY NOT TO MODIFY: evaluation, logging, checkpoints
+    eval_every: Optional[int] = None
+    """greedy evaluation every N steps, and before the first (preset; 0 disables)"""
+    eval_limit: Optional[int] = None
+    """evaluate on the first N held-out problems (preset; None: all)"""
+    save_every: int = 0
+    """write a checkpoint every N steps (0: never); see --resume"""
+    keep_last: int = 2
+    """checkpoints kept"""
+    resume: Optional[str] = None
+    """continue a run from its directory (or one of its checkpoints)"""
+    reward_timeout_s: float = 5.0
+    """wall-clock bound of one reward check; a check past it scores 0 and its worker is restarted"""
+
+    # computed at runtime
+    run_name: str = ""
+    """computed at runtime"""
+
+
+# ALGO LOGIC: defaults that depend on the model: the embedded tiny model trains in minutes on a CPU; a real
+# model uses the values of the papers (ALGORITHMS.md: G=8, lr 1e-6, 1k-token responses).
+PRESETS = {
+    "embedded": dict(dataset="embedded", prompts_per_step=32, max_new_tokens=12, total_steps=60, learning_rate=3e-5,
+                     micro_batch_size=256, gradient_checkpointing=False, eval_every=10, eval_limit=200),
+    "real": dict(dataset="gsm8k", prompts_per_step=32, max_new_tokens=1024, total_steps=500, learning_rate=1e-6,
+                 micro_batch_size=8, gradient_checkpointing=True, eval_every=50, eval_limit=None),
+}
+
+
+# ALGO LOGIC: advantages and loss (ALGORITHMS.md section 0); CLIPO's representation, head, InfoNCE, bonus (section 1)
+def compute_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool, eps: float) -> torch.Tensor:
+    """A_i = (r_i - mean_g r) / (std_g r + eps); rewards (B*G,) grouped, prompt 0's G completions first."""
+    r = rewards.view(-1, group_size)  # (B, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale_rewards:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)  # unbiased std, as TRL and verl
+    return adv.view(-1)  # (B*G,)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, n_seqs: int, n_tokens: int,
+              max_new_tokens: int) -> torch.Tensor:
+    """Reduce a (b, T) per-token loss of a micro-batch to its share of the mini-batch loss.
+
+    n_seqs and n_tokens count the whole mini-batch, so the micro-batch shares sum to the mini-batch loss.
+    """
+    masked = per_token * mask
+    if agg == "seq-mean-token-mean":  # DeepSeekMath: mean over tokens of a sequence, then over sequences
+        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    if agg == "token-mean":  # DAPO: mean over every response token of the mini-batch
+        return masked.sum() / max(n_tokens, 1)
+    if agg == "seq-mean-token-sum-norm":  # Dr. GRPO: a constant normaliser, no length bias
+        return masked.sum() / (max_new_tokens * n_seqs)
+    raise ValueError(f"unknown agg {agg!r}")
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi_theta || pi_ref) per sampled token: e^x - x - 1, x = ref - logp >= 0."""
+    x = ref_logps - logps
+    return torch.exp(x) - x - 1
+
+
+def grpo_loss(logps, old_logps, advantages, mask, *, eps_low, eps_high, beta, ref_logps, agg, n_seqs, n_tokens,
+              max_new_tokens, is_weights=None):
+    """Clipped surrogate with k3 KL. logps/old_logps/ref_logps/mask/is_weights (b, T); advantages (b,).
+
+    is_weights: truncated importance weights min(pi_old / pi_sampler, cap) against the rollout engine, or None.
+
+    Returns (loss, stats) where stats holds sums over masked tokens for the clip-ratio and KL logs.
+    """
+    ratio = torch.exp(logps - old_logps)  # (b, T)
+    adv = advantages.unsqueeze(1)  # (b, 1)
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+    per_token = -surrogate if is_weights is None else -surrogate * is_weights
+    stats = {}
+    if beta > 0:
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + beta * kl
+        stats["kl"] = (kl.detach() * mask).sum()
+    loss = aggregate(per_token, mask, agg, n_seqs, n_tokens, max_new_tokens)
+    with torch.no_grad():  # TRL's definitions: a token is clipped where the clip is active for its advantage's sign
+        low = ((ratio < 1 - eps_low) & (adv < 0)).float() * mask
+        high = ((ratio > 1 + eps_high) & (adv > 0)).float() * mask
+        stats.update({"clip_ratio/low_mean": low.sum(), "clip_ratio/high_mean": high.sum(),
+                      "clip_ratio/region_mean": (low + high).sum()})
+    return loss, stats
+
+
+@torch.no_grad()
+def pooled_hidden(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
+    """h_i: the mean over a response's tokens of the last layer's hidden states after the final norm (the decoder's
+    last_hidden_state == `hidden_states[-1]` of the HF forward), fp32, (b, d). No grad: CLIPO never trains the
+    policy through its representation. completion_mask (b, L-1) marks shifted targets: the response token at
+    position t+1 sits under completion_mask[:, t]."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+    mask = torch.nn.functional.pad(completion_mask, (1, 0))  # (b, L): the response tokens' own positions
+    return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (b, d)
+
+
+class ContrastiveHead(torch.nn.Module):
+    """z = normalize(W h): Linear(d, D), or `mlp`: Linear(d, d) -> ReLU -> Linear(d, D); no biases (official)."""
+
+    def __init__(self, d_model: int, dim: int, kind: str = "linear"):
+        super().__init__()
+        if kind == "linear":
+            self.proj = torch.nn.Linear(d_model, dim, bias=False)
+        elif kind == "mlp":
+            self.proj = torch.nn.Sequential(torch.nn.Linear(d_model, d_model, bias=False), torch.nn.ReLU(),
+                                            torch.nn.Linear(d_model, dim, bias=False))
+        else:
+            raise ValueError(f"unknown head {kind!r}")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.proj(h), dim=-1)  # (N, D) unit rows
+
+
+def sample_positives(correct: torch.Tensor, group_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Anchors and their positives. correct (B*G,) bool, grouped. A correct rollout is an anchor when its group holds
+    another correct rollout and at least one incorrect one; its ONE positive is drawn uniformly from the other
+    correct rollouts of its group. Returns (B*G,) long: the positive's index within the group, -1 off anchors."""
+    c = correct.cpu().view(-1, group_size)  # (B, G)
+    n_correct = c.sum(1, keepdim=True)
+    anchors = c & (n_correct >= 2) & (n_correct < group_size)  # (B, G)
+    others = c.unsqueeze(1) & ~torch.eye(group_size, dtype=torch.bool)  # (B, G, G): j is correct and j != i
+    positives = torch.full(c.shape, -1, dtype=torch.long)
+    if anchors.any():
+        positives[anchors] = torch.multinomial(others[anchors].float(), 1, generator=generator).squeeze(1)
+    return positives.view(-1)
+
+
+def group_infonce(z: torch.Tensor, positives: torch.Tensor, group_size: int, tau: float,
+                  eps: float = 0.0) -> torch.Tensor:
+    """L_i = -s_ip + log sum_{a != i} exp(s_ia), s = z z^T / tau within a group; z (B*G, D) unit rows, positives
+    from `sample_positives`. Returns (B*G,), 0 off anchors. eps > 0 reproduces the official supcon_loss, which
+    subtracts the row max m = s_ii = 1/tau and adds eps inside the log: log(sum_a exp(s_ia) + eps * e^m)."""
+    zg = z.view(-1, group_size, z.shape[-1])  # (B, G, D)
+    s = (zg @ zg.transpose(1, 2) / tau).reshape(-1, group_size)  # (B*G, G): row i against its own group
+    self_mask = torch.eye(group_size, dtype=torch.bool, device=z.device).repeat(len(zg), 1)  # (B*G, G)
+    log_denominator = torch.logsumexp(s.masked_fill(self_mask, float("-inf")), dim=1)  # (B*G,)
+    if eps > 0:
+        row_max = s.max(dim=1).values.detach()
+        log_denominator = torch.logaddexp(log_denominator, row_max + math.log(eps))
+    is_anchor = positives >= 0
+    s_pos = s.gather(1, positives.clamp(min=0).unsqueeze(1)).squeeze(1)  # (B*G,)
+    return torch.where(is_anchor, log_denominator - s_pos, torch.zeros_like(s_pos))
+
+
+def contrastive_bonus(head, head_optimizer, hidden, rewards, group_size, generator, *, tau, coef, floor, eps=0.0):
+    """One CLIPO step: the reward bonus max(-coef * L_i, floor) of each anchor (0 elsewhere) from the head as it is,
+    then one optimizer step of the head on the mean of L_i over the anchors. hidden (B*G, d) no-grad fp32;
+    rewards (B*G,) verifier rewards, correct means > 0 (official). Returns (bonus (B*G,) on CPU, stats)."""
+    positives = sample_positives(rewards > 0, group_size, generator).to(hidden.device)
+    is_anchor = positives >= 0
+    losses = group_infonce(head(hidden), positives, group_size, tau, eps)  # (B*G,)
+    bonus = torch.where(is_anchor, (-coef * losses.detach()).clamp(min=floor), torch.zeros_like(losses))
+    n_anchors, loss = int(is_anchor.sum()), torch.zeros(())
+    if n_anchors:  # a batch without anchors leaves the head as it is
+        loss = losses[is_anchor].mean()
+        head_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        head_optimizer.step()
+    stats = {"clipo/contrastive_loss": float(loss.detach()), "clipo/frac_anchors": n_anchors / len(rewards),
+             "clipo/mean_bonus": float(bonus.sum()) / max(n_anchors, 1)}  # mean over the anchors
+    return bonus.cpu(), stats
+
+# TRY NOT TO MODIFY: rollouts, batching, log-probs
+def get_logps(model, input_ids, attention_mask, temperature, backend, with_entropy=False):
+    """Per-token log-probs of input_ids[:, 1:] under softmax(logits / T), fp32, (b, L-1); optionally entropy.
+
+    The LM head runs inside `hidden_logprobs`, so the [b, L, V] fp32 logits are never built.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (b, L, d)
+    weight = model.get_output_embeddings().weight
+    return hidden_logprobs(hidden[:, :-1], weight.to(hidden.dtype), input_ids[:, 1:], temperature, with_entropy,
+                           backend)
+
+
+def build_batch(prompts, completions, pad_id, device, completion_values=None):
+    """Lay out [prompt | completion | pad] rows. Returns input_ids, attention_mask (N, L), the completion
+    mask (N, L-1) over the shifted targets (position t predicts token t+1), and per-completion-token values
+    (e.g. the rollout engine's log-probs) laid out like the mask, or None."""
+    L = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    input_ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    completion_mask = torch.zeros((len(prompts), L - 1), dtype=torch.float32)
+    values = None if completion_values is None else torch.zeros((len(prompts), L - 1), dtype=torch.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[i, : len(p) + len(c)] = 1
+        completion_mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1
+        if values is not None:
+            values[i, len(p) - 1 : len(p) + len(c) - 1] = torch.tensor(completion_values[i], dtype=torch.float32)
+    values = None if values is None else values.to(device)
+    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device), values
+
+
+@torch.no_grad()
+def hf_generate(model, prompts, *, n, temperature, top_p, max_new_tokens, eos_id, pad_id, greedy=False):
+    """HF `generate` rollouts: n completions per prompt, grouped (prompt 0's n first), each cut after its EOS.
+
+    Returns (completion token lists, finished flags). The vLLM engine returns the same shapes.
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # left padding
+    attention_mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attention_mask[i, width - len(p) :] = 1
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         max_new_tokens=max_new_tokens, num_return_sequences=1 if greedy else n,
+                         eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, **sampling)[:, width:].tolist()
+    completions, finished = [], []
+    for row in out:
+        cut = row.index(eos_id) + 1 if eos_id in row else len(row)  # keep the EOS: it is trained on
+        completions.append(row[:cut])
+        finished.append(eos_id in row)
+    return completions, finished
+
+
+def evaluate(generate, examples, tokenizer, checker, batch_size=256):
+    """Greedy accuracy on held-out examples; `generate(prompts, n, greedy)` is the run's rollout function."""
+    correct = 0.0
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s : s + batch_size]
+        comps = generate([e.prompt_ids for e in chunk], 1, True)[0]
+        correct += sum(checker.score(tokenizer.batch_decode(comps, skip_special_tokens=True), [e.gold for e in chunk]))
+    return correct / max(len(examples), 1)
+
+
+if __name__ == "__main__":
+    # TRY NOT TO MODIFY: setup
+    args = tyro.cli(Args)
+    resume_state, resume_dir = None, None
+    if args.resume:  # the run's own flags come back; flags given now override them
+        resume_state, ckpt = load_checkpoint(args.resume)
+        resume_dir = ckpt.parent.parent
+        args = tyro.cli(Args, default=Args(**{**resume_state["args"], "resume": args.resume}))
+    preset = PRESETS["embedded" if args.model == "embedded" else "real"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.instruction is None:
+        args.instruction = EMBEDDED_INSTRUCTION if args.dataset == "embedded" else DEFAULT_INSTRUCTION
+    if not args.resume:
+        args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = resume_dir or Path(args.output_dir) / args.run_name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".write_test").touch()
+        (run_dir / ".write_test").unlink()
+    except OSError as e:
+        raise UserError(f"output directory {str(run_dir)!r} is not writable ({e.strerror}). "
+                        f"Pass --output-dir a folder you can write to.") from None
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # fp32 master weights everywhere; bf16 compute on CUDA via autocast (lr 1e-6 updates vanish in bf16 weights)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model, tokenizer, model_path = load_model_and_tokenizer(args.model, torch.float32)
+    model.to(device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    ref_model = None
+    if args.beta > 0:
+        ref_model, _, _ = load_model_and_tokenizer(model_path, torch.float32)
+        ref_model.to(device).eval().requires_grad_(False)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and args.max_prompt_len + args.max_new_tokens > context:
+        args.max_prompt_len = context - args.max_new_tokens  # prompt + completion must fit the model's context
+        print(f"max_prompt_len lowered to {args.max_prompt_len}: the model's context is {context} tokens")
+    engine = None
+    if args.vllm and vllm_available():  # colocated engine; weights are pushed in place before each rollout
+        engine = VLLMEngine(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                            seed=args.seed, max_model_len=args.max_prompt_len + args.max_new_tokens,
+                            gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+    elif args.vllm:
+        print("vLLM is not installed: rollouts use HF generate (pip install -r requirements-gpu.txt)")
+
+    train_src, eval_src = resolve_dataset(args.dataset, args.prompt_field, args.answer_field, args.answer_format,
+                                          args.eval_dataset)
+    train_set, skipped = load_examples(train_src, tokenizer, args.instruction, args.max_prompt_len, "train")
+    eval_set = []
+    if eval_src is not None and args.eval_every:
+        eval_set, eval_skipped = load_examples(eval_src, tokenizer, args.instruction, args.max_prompt_len, "eval")
+        eval_set = eval_set[: args.eval_limit]
+    print(f"data: {len(train_set)} train prompts ({skipped} skipped as longer than {args.max_prompt_len} tokens), "
+          f"{len(eval_set)} eval prompts")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
+    checker = RewardChecker(timeout_s=args.reward_timeout_s)
+
+    # ALGO LOGIC: the algorithm's own trainable state, saved in checkpoints by name (CLIPO: the contrastive head)
+    head = ContrastiveHead(model.config.hidden_size, args.head_dim, args.head).to(device)
+    head_optimizer = torch.optim.AdamW(head.parameters(), lr=args.head_lr, weight_decay=args.head_weight_decay)
+    algo_state = {"contrastive_head": head, "contrastive_head_optimizer": head_optimizer}
+
+    # TRY NOT TO MODIFY: resume, logging, checkpoints
+    global_step, wandb_id = 0, None
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        for name, obj in algo_state.items():
+            obj.load_state_dict(resume_state["algo"][name])
+        set_rng_state(resume_state["rng"])
+        global_step, wandb_id = resume_state["step"], resume_state["wandb_id"]
+        print(f"resumed {args.run_name} at step {global_step} from {ckpt}")
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():  # drop lines a killed run wrote after its last checkpoint
+        lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= global_step]
+        metrics_path.write_text("".join(l + "\n" for l in lines))
+    if args.track:
+        import wandb
+
+        wandb_id = wandb_id or wandb.util.generate_id()
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, id=wandb_id,
+                   resume="allow", config=asdict(args))
+
+    def log(metrics: dict, step: int):
+        metrics = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if args.track:
+            wandb.log(metrics, step=step)
+
+    def checkpoint(step: int) -> Path:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step, "wandb_id": wandb_id,
+                 "run_name": args.run_name, "data_position": step * args.prompts_per_step, "args": asdict(args),
+                 "algo": {name: obj.state_dict() for name, obj in algo_state.items()}}
+        return save_checkpoint(run_dir / "checkpoints", step, state, args.keep_last)
+
+    pushed_at = [-1]  # the step whose weights the engine holds
+
+    def generate(prompts: list, n: int, greedy: bool = False):
+        """n completions per prompt from the current weights: (completions, finished, the engine's sampled-token
+        log-probs or None, push seconds, generation seconds)."""
+        if engine is None:
+            t0 = time.time()
+            model.eval()
+            with autocast:
+                comps, fin = hf_generate(model, prompts, n=n, temperature=args.temperature, top_p=args.top_p,
+                                         max_new_tokens=args.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                                         greedy=greedy)
+            model.train()
+            return comps, fin, None, 0.0, time.time() - t0
+        engine.wake_up()
+        push = 0.0
+        if pushed_at[0] != global_step:
+            push, pushed_at[0] = engine.push_weights(model), global_step
+        out = engine.generate(prompts, n=n, temperature=0.0 if greedy else args.temperature,
+                              top_p=1.0 if greedy else args.top_p, max_tokens=args.max_new_tokens,
+                              seed=args.seed * 1_000_003 + global_step)
+        engine.sleep()
+        return out.completion_ids, out.finished, out.logprobs, push, out.seconds
+
+    stop_signal = []
+    for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, save, exit cleanly
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    def data_batch(step: int) -> list:
+        """The prompts of a step: epoch e walks a permutation seeded by (seed, e); resumable from the step alone."""
+        start = step * args.prompts_per_step
+        batch = []
+        for pos in range(start, start + args.prompts_per_step):
+            epoch, i = divmod(pos, len(train_set))
+            order = np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
+            batch.append(train_set[order[i]])
+        return batch
+
+    if global_step == 0 and eval_set:
+        t0 = time.time()
+        accuracy = evaluate(generate, eval_set, tokenizer, checker)
+        log({"eval/accuracy": accuracy, "time/eval": time.time() - t0}, 0)
+        print(f"step 0: eval/accuracy {accuracy:.3f}")
+    model.train()
+    progress = tqdm(range(global_step, args.total_steps), initial=global_step, total=args.total_steps,
+                    desc=args.run_name, dynamic_ncols=True)
+    last_acc = float("nan")
+    for step in progress:
+        global_step = step + 1
+        metrics = {}
+        # TRY NOT TO MODIFY: rollout phase (generate, then verify)
+        batch = data_batch(step)
+        prompts = [e.prompt_ids for e in batch for _ in range(args.group_size)]  # (B*G,) grouped
+        golds = [e.gold for e in batch for _ in range(args.group_size)]
+        completions, finished, sampling_logps, metrics["time/sync_weights"], metrics["time/generate"] = generate(
+            [e.prompt_ids for e in batch], args.group_size)
+        t0 = time.time()
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        rewards = torch.tensor(checker.score(texts, golds), dtype=torch.float32)  # (B*G,)
+        metrics["time/reward"] = time.time() - t0
+
+        # ALGO LOGIC: advantages
+        # of the verifier rewards here; replaced below by those of the shaped rewards once the hidden states exist
+        advantages = compute_advantages(rewards, args.group_size, args.scale_rewards, args.adv_eps)  # (B*G,)
+        group_std = rewards.view(-1, args.group_size).std(dim=1)  # (B,)
+        zero_std = (group_std == 0).repeat_interleave(args.group_size)  # (B*G,)
+        in_loss = ~zero_std if args.drop_zero_std_groups else torch.ones_like(zero_std)
+        # a sequence with A = 0 and beta = 0 has zero gradient: skip its forward/backward (exact, denominators
+        # below still count it)
+        needs_grad = in_loss & ((advantages != 0) | (args.beta > 0))
+        # with one update in all, rho == 1: old log-probs are the detached current ones, no extra forward
+        compute_old_logps = args.num_minibatches * args.update_epochs > 1
+
+        # TRY NOT TO MODIFY: batch tensors, old and reference log-probs
+        t0 = time.time()
+        input_ids, attention_mask, completion_mask, sampling_logps = build_batch(prompts, completions, pad_id, device,
+                                                                                 sampling_logps)
+        advantages = advantages.to(device)
+        N = input_ids.shape[0]
+        mb_size = args.micro_batch_size
+        num_updates = args.num_minibatches * args.update_epochs
+        old_logps = torch.zeros(completion_mask.shape, device=device)
+        ref_logps = torch.zeros(completion_mask.shape, device=device)
+        entropy = torch.zeros(completion_mask.shape, device=device)
+        have_old = torch.zeros(N, dtype=torch.bool)
+        with torch.no_grad(), autocast:
+            for s in range(0, N, mb_size):
+                mb = slice(s, s + mb_size)
+                L = int(attention_mask[mb].sum(1).max())
+                if compute_old_logps:
+                    old_logps[mb, : L - 1], entropy[mb, : L - 1] = get_logps(
+                        model, input_ids[mb, :L], attention_mask[mb, :L], args.temperature, args.logprob_backend,
+                        with_entropy=True)
+                    have_old[mb] = True
+                if ref_model is not None:
+                    ref_logps[mb, : L - 1], _ = get_logps(ref_model, input_ids[mb, :L], attention_mask[mb, :L],
+                                                          args.temperature, args.logprob_backend)
+
+        # ALGO LOGIC: terms that need the rollout policy's log-probs (CLIPO: the bonus from its hidden states)
+        hidden = torch.zeros(N, model.config.hidden_size, device=device)  # (B*G, d) fp32
+        with autocast:
+            for s in range(0, N, mb_size):
+                mb = slice(s, s + mb_size)
+                L = int(attention_mask[mb].sum(1).max())
+                hidden[mb] = pooled_hidden(model, input_ids[mb, :L], attention_mask[mb, :L],
+                                           completion_mask[mb, : L - 1])
+        # positives are drawn from (seed, step) alone, like the engine's seed: a resumed run draws the same ones
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + global_step)
+        bonus, clipo_stats = contrastive_bonus(head, head_optimizer, hidden, rewards, args.group_size, generator,
+                                               tau=args.tau, coef=args.bonus_coef, floor=args.bonus_min,
+                                               eps=args.supcon_eps)
+        metrics.update(clipo_stats)
+        advantages = compute_advantages(rewards + bonus, args.group_size, args.scale_rewards, args.adv_eps).to(device)
+        # anchors lie only in groups with mixed rewards, so zero-std groups keep A = 0. During the head's warm-up
+        # nothing is back-propagated: the policy's optimizer finds no gradient and leaves the weights as they are
+        needs_grad = in_loss & ((advantages.cpu() != 0) | (args.beta > 0)) & (global_step > args.head_warmup_steps)
+
+        # TRY NOT TO MODIFY: update phase
+        stats_sum = {}
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(N)
+            for mb_idx in perm.chunk(args.num_minibatches):
+                b_in_loss = mb_idx[in_loss[mb_idx]]
+                n_seqs = len(b_in_loss)
+                n_tokens = int(completion_mask[b_in_loss].sum())
+                b_idx = mb_idx[needs_grad[mb_idx]]
+                optimizer.zero_grad(set_to_none=True)
+                for mb in b_idx.split(mb_size) if len(b_idx) else []:  # all A = 0: nothing to back-propagate
+                    L = int(attention_mask[mb].sum(1).max())
+                    mb_mask = completion_mask[mb, : L - 1]
+                    with autocast:
+                        logps, mb_entropy = get_logps(model, input_ids[mb, :L], attention_mask[mb, :L],
+                                                      args.temperature, args.logprob_backend, with_entropy=True)
+                    if not bool(have_old[mb].all()):
+                        old_logps[mb, : L - 1] = logps.detach()
+                        entropy[mb, : L - 1] = mb_entropy.detach()
+                        have_old[mb] = True
+                    is_weights = None  # truncated importance sampling against the engine's log-probs
+                    if args.tis_cap is not None and sampling_logps is not None:
+                        is_weights = torch.exp(old_logps[mb, : L - 1] - sampling_logps[mb, : L - 1]).clamp(
+                            max=args.tis_cap)
+                    # ALGO LOGIC: the loss of a micro-batch
+                    loss, stats = grpo_loss(logps, old_logps[mb, : L - 1], advantages[mb], mb_mask,
+                                            eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                                            ref_logps=ref_logps[mb, : L - 1], agg=args.agg, n_seqs=n_seqs,
+                                            n_tokens=n_tokens, max_new_tokens=args.max_new_tokens,
+                                            is_weights=is_weights)
+                    # TRY NOT TO MODIFY: backward, statistics
+                    loss.backward()
+                    for k, v in {"loss": loss.detach(), **stats}.items():
+                        stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    last = list_checkpoints(run_dir / "checkpoints")
+                    raise UserError(f"step {global_step}: the gradient norm is {float(grad_norm)} (NaN or inf); "
+                                    f"nothing was updated or overwritten. Last good checkpoint: "
+                                    f"{str(last[-1]) if last else 'none (use --save-every N)'}. Lower the learning "
+                                    f"rate or check the data.")
+                optimizer.step()
+                scheduler.step()
+        metrics["time/train"] = time.time() - t0
+
+        # TRY NOT TO MODIFY: logging
+        lengths = completion_mask.sum(1).cpu()
+        trained_tokens = completion_mask[have_old.to(device)]
+        n_trained_tokens = max(float(trained_tokens.sum()), 1.0)
+        metrics.update({
+            "reward": rewards.mean(), "reward_std": rewards.view(-1, args.group_size).std(dim=1).mean(),
+            "frac_reward_zero_std": (group_std == 0).float().mean(),
+            "completions/mean_length": lengths.mean(),
+            "completions/clipped_ratio": 1.0 - torch.tensor(finished, dtype=torch.float32).mean(),
+            "loss": stats_sum.get("loss", 0.0) / num_updates, "grad_norm": float(grad_norm),
+            "learning_rate": scheduler.get_last_lr()[0],
+            "reward/timeouts": checker.stats["timeouts"], "reward/errors": checker.stats["errors"],
+            "data/skipped_long_prompts": skipped,
+        })
+        if bool(have_old.any()):  # entropy of the rollout policy over the response tokens that were forwarded
+            metrics["entropy"] = float((entropy[have_old.to(device)] * trained_tokens).sum()) / n_trained_tokens
+        n_tok = max(float(completion_mask[in_loss.to(device)].sum()), 1.0) * num_updates  # token-updates
+        seen = completion_mask * have_old.to(device).unsqueeze(1)
+        if sampling_logps is not None and bool(seen.any()):  # the engine's log-probs against the trainer's
+            diff = (old_logps - sampling_logps).abs() * seen
+            metrics["sampling/sampling_logp_difference/mean"] = float(diff.sum()) / max(float(seen.sum()), 1.0)
+            metrics["sampling/sampling_logp_difference/max"] = float(diff.max())
+        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl"):
+            if k in stats_sum:
+                metrics[k] = stats_sum[k] / n_tok
+        if args.eval_every and eval_set and (global_step % args.eval_every == 0 or global_step == args.total_steps):
+            t0 = time.time()
+            last_acc = evaluate(generate, eval_set, tokenizer, checker)
+            metrics["eval/accuracy"], metrics["time/eval"] = last_acc, time.time() - t0
+        for k, v in metrics.items():
+            if not math.isfinite(float(v)):
+                last = list_checkpoints(run_dir / "checkpoints")
+                raise UserError(f"step {global_step}: metric {k} is {float(v)}. Last good checkpoint: "
+                                f"{str(last[-1]) if last else 'none'}.")
+        log(metrics, global_step)
+        progress.set_postfix(reward=f"{float(metrics['reward']):.3f}", acc=f"{last_acc:.3f}")
+        if (args.save_every and global_step % args.save_every == 0) or stop_signal:
+            checkpoint(global_step)
+        if stop_signal:
+            print(f"stopped by signal {stop_signal[0]} after step {global_step}; resume with --resume {run_dir}")
+            sys.exit(0)
+
+    # TRY NOT TO MODIFY: save the final model in HF format (weights + tokenizer), atomically
+    final, tmp = run_dir / "final", run_dir / ".tmp_final"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    checker.close()
+    print(f"saved {final}")
+    if args.track:
+        wandb.finish()
