@@ -134,6 +134,8 @@ def bench_model(name: str, model_dir: str, args: Args, device: torch.device) -> 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if not Path(args.model_dir).is_dir():  # a missing local dir would otherwise be looked up on the hub
+        raise SystemExit(f"{args.model_dir} not found: build it with `python tiny/make_tiny.py` or pass --model-dir")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = bench_model(Path(args.model_dir).name, args.model_dir, args, device)
     if device.type == "cuda" and args.qwen_1_5b:
