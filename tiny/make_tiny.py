@@ -14,6 +14,7 @@ Everything under tiny/ is produced by this one seeded script (CPU, about 2 minut
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import time
@@ -41,12 +42,14 @@ class Args:
     """training problems"""
     n_test: int = 200
     """held-out problems (no (a, b, c) triple shared with train)"""
-    sft_steps: int = 700
+    sft_steps: int = 900
     """supervised warm-start steps; a step count, not wall time, so the result is reproducible"""
+    warmup_steps: int = 50
+    """linear warmup, then cosine decay to 0 at sft_steps (the decay steadies the final accuracy)"""
     batch_size: int = 64
     """prompts per SFT step"""
-    lr: float = 2e-3
-    """AdamW learning rate of the warm start"""
+    lr: float = 1e-3
+    """AdamW peak learning rate of the warm start (2e-3 and above learned far slower here)"""
     threads: int = 2
     """torch CPU threads (the default CPU run targets a 2-core laptop)"""
 
@@ -224,6 +227,10 @@ if __name__ == "__main__":
 
     # supervised warm start: next-token CE on the completion tokens only
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / args.warmup_steps) * 0.5 * (1.0 + math.cos(math.pi * s / args.sft_steps)),
+    )
     batch_rng = random.Random(args.seed + 1)
     t0 = time.time()
     model.train()
@@ -234,6 +241,7 @@ if __name__ == "__main__":
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        scheduler.step()
         if step % 100 == 0 or step == args.sft_steps:
             print(f"step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     sft_s = time.time() - t0
