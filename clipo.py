@@ -439,7 +439,7 @@ if __name__ == "__main__":
     if args.vllm and vllm_available():  # colocated engine; weights are pushed in place before each rollout
         engine = VLLMEngine(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                             seed=args.seed, max_model_len=args.max_prompt_len + args.max_new_tokens,
-                            gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+                            gpu_memory_utilization=args.vllm_gpu_memory_utilization, stop_token_ids=[eos_id])
     elif args.vllm:
         print("vLLM is not installed: rollouts use HF generate (pip install -r requirements-gpu.txt)")
 
@@ -522,6 +522,9 @@ if __name__ == "__main__":
         engine.sleep()
         return out.completion_ids, out.finished, out.logprobs, push, out.seconds
 
+    # ALGO LOGIC: the rollout function of training steps (GRPO: `generate` itself)
+
+    # TRY NOT TO MODIFY: signals, data order, step-0 evaluation
     stop_signal = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, save, exit cleanly
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))

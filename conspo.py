@@ -130,6 +130,13 @@ class Args:
     """alpha: the margin rises from 0 to M over this fraction of total_steps (cosine), then stays at M"""
     beta = 0.0  # not a flag (no annotation): ConSPO has no KL term; the shared setup reads args.beta
 
+    def __post_init__(self):
+        # the coefficients are dJ/ds at the rollout policy: exact for the one optimizer step per rollout batch the
+        # paper takes (no importance ratio corrects a second one), and there is no ratio for --tis-cap to truncate
+        if self.num_minibatches * self.update_epochs != 1 or self.tis_cap is not None:
+            raise UserError("ConSPO takes one optimizer step per rollout batch and has no importance ratio: use "
+                            "--num-minibatches 1 --update-epochs 1 and no --tis-cap.")
+
     # TRY NOT TO MODIFY: evaluation, logging, checkpoints
     eval_every: Optional[int] = None
     """greedy evaluation every N steps, and before the first (preset; 0 disables)"""
@@ -332,7 +339,7 @@ if __name__ == "__main__":
     if args.vllm and vllm_available():  # colocated engine; weights are pushed in place before each rollout
         engine = VLLMEngine(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                             seed=args.seed, max_model_len=args.max_prompt_len + args.max_new_tokens,
-                            gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+                            gpu_memory_utilization=args.vllm_gpu_memory_utilization, stop_token_ids=[eos_id])
     elif args.vllm:
         print("vLLM is not installed: rollouts use HF generate (pip install -r requirements-gpu.txt)")
 
@@ -352,11 +359,6 @@ if __name__ == "__main__":
 
     # ALGO LOGIC: the algorithm's own trainable state, saved in checkpoints by name (ConSPO: none)
     algo_state = {}
-    # the coefficients are dJ/ds at the rollout policy: exact for the one optimizer step per rollout batch the paper
-    # takes (no importance ratio corrects a second one), and there is no ratio for --tis-cap to truncate
-    if args.num_minibatches * args.update_epochs != 1 or args.tis_cap is not None:
-        raise UserError("ConSPO takes one optimizer step per rollout batch and has no importance ratio: use "
-                        "--num-minibatches 1 --update-epochs 1 and no --tis-cap.")
 
     # TRY NOT TO MODIFY: resume, logging, checkpoints
     global_step, wandb_id = 0, None
@@ -418,6 +420,9 @@ if __name__ == "__main__":
         engine.sleep()
         return out.completion_ids, out.finished, out.logprobs, push, out.seconds
 
+    # ALGO LOGIC: the rollout function of training steps (GRPO: `generate` itself)
+
+    # TRY NOT TO MODIFY: signals, data order, step-0 evaluation
     stop_signal = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, save, exit cleanly
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))

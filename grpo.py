@@ -412,6 +412,9 @@ if __name__ == "__main__":
         engine.sleep()
         return out.completion_ids, out.finished, out.logprobs, push, out.seconds
 
+    # ALGO LOGIC: the rollout function of training steps (GRPO: `generate` itself)
+
+    # TRY NOT TO MODIFY: signals, data order, step-0 evaluation
     stop_signal = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, save, exit cleanly
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))

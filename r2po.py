@@ -7,10 +7,10 @@ How this file differs from grpo.py:
 1. a residual rollout head on the final post-norm hidden state h (the input of the LM head), head(h) = W2 ReLU(W1 h),
    W1 d x d, W2 V x d, no biases (`RolloutHead`), with its own AdamW, saved in checkpoints (`algo_state`). W2 starts
    at 0, so the explorer starts exactly at the policy, and W1 ~ N(0, 0.02^2);
-2. every training rollout is sampled from the explorer pi_{theta,phi}: logits = lm_head(h) + head(h) (`explorer`),
-   at `--rollout-temperature` 0.9, with HF generate: vLLM does not know the head, and a forward hook on the LM head
-   reuses grpo.py's `hf_generate` unchanged. Evaluation (greedy) and the saved model are the policy alone, on vLLM
-   when it runs. `generate` is rebound by one line marked `# new vs grpo.py` (`with_explorer`);
+2. every training rollout is sampled from the explorer pi_{theta,phi}, logits = lm_head(h) + head(h), at
+   `--rollout-temperature` 0.9 with HF generate (`explorer_generate`): vLLM does not know the head, and a forward
+   hook on the LM head reuses grpo.py's `hf_generate` unchanged. Evaluation (greedy) and the saved model are the policy alone, on vLLM
+   when it runs. `generate` is rebound in an ALGO LOGIC block (`with_explorer`);
 3. steps alternate: `--head-steps` N1 head rounds, then `--policy-steps` N2 policy steps; step k (from 0) is a head
    round when k mod (N1 + N2) < N1 (logged as `r2po/stage`: 0 head, 1 policy). One step is one rollout batch;
 4. a head round (stage 1) trains only phi: advantages are the group inverse frequency of each reward value,
@@ -27,8 +27,11 @@ Paper vs official code, and our choices (docs/r2po.md has the full list):
 - initialisation: the paper zero-initialises the residual (then W1 and W2 get no gradient and the head never
   trains); the official run initialises both layers N(0, 0.02^2) (HF's init of missing weights), so its explorer
   differs from the policy from the start. Here W2 = 0 and W1 ~ N(0, `--head-init-std`^2);
-- stage-1 advantage: inverse frequency (official) or `--head-advantage reward`, GRPO's of the task reward (the
+- stage-1 advantage: inverse frequency (official) or `--head-advantage reward`, the z-scored task reward (the
   paper's ablation finds it at least as good);
+- the explorer's rollouts are off-policy for pi_theta: an unbiased gradient would weight them by
+  pi_theta_old / pi_{theta_old,phi}; the official code does not, nor does this file (no flag);
+- `--head-steps 0` is the ablation without head rounds: GRPO, beta 0.04, rollouts from the policy at temperature 0.9;
 - the official code strips EOS from the decoded text and re-tokenises it, so EOS is never trained; here the
   sampled token ids, EOS included, are trained on in both stages;
 - the official code samples at temperature 0.9 and computes log-probs at temperature 1: `--rollout-temperature`
@@ -422,7 +425,7 @@ if __name__ == "__main__":
     if args.vllm and vllm_available():  # colocated engine; weights are pushed in place before each rollout
         engine = VLLMEngine(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                             seed=args.seed, max_model_len=args.max_prompt_len + args.max_new_tokens,
-                            gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+                            gpu_memory_utilization=args.vllm_gpu_memory_utilization, stop_token_ids=[eos_id])
     elif args.vllm:
         print("vLLM is not installed: rollouts use HF generate (pip install -r requirements-gpu.txt)")
 
@@ -528,7 +531,10 @@ if __name__ == "__main__":
         engine.sleep()
         return out.completion_ids, out.finished, out.logprobs, push, out.seconds
 
-    generate = with_explorer(generate)  # new vs grpo.py
+    # ALGO LOGIC: the rollout function of training steps (GRPO: `generate` itself)
+    generate = with_explorer(generate)
+
+    # TRY NOT TO MODIFY: signals, data order, step-0 evaluation
     stop_signal = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, save, exit cleanly
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))

@@ -16,6 +16,8 @@ from cepo import (build_batch, cepo_advantages, cepo_lambda, cepo_loss, evidence
 from grpo import grpo_loss
 
 TEMPERATURE = 0.7
+# TINY with 8 groups of 8: enough groups mix right and wrong rollouts for the teachers to run (last flag wins)
+MIXED = [*TINY, "--prompts-per-step", "8", "--group-size", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +230,7 @@ def test_lambda_zero_is_grpo_loss(agg):
 
 
 def test_cepo_embedded_end_to_end(tmp_path):
-    p = run("cepo.py", "--total-steps", "2", *TINY, "--output-dir", str(tmp_path), "--no-vllm")
+    p = run("cepo.py", "--total-steps", "2", *MIXED, "--output-dir", str(tmp_path), "--no-vllm")
     assert p.returncode == 0, p.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     rows = read_metrics(run_dir)
@@ -245,7 +247,7 @@ def test_cepo_embedded_end_to_end(tmp_path):
 
 def test_cepo_after_lambda_reaches_zero_is_grpo(tmp_path):
     """With lambda 0 from the start, cepo.py trains exactly as grpo.py with cepo's loss settings."""
-    common = ["--total-steps", "2", *TINY, "--eval-every", "0", "--no-vllm", "--seed", "3"]
+    common = ["--total-steps", "1", *MIXED, "--eval-every", "0", "--no-vllm", "--seed", "3"]
     a = run("cepo.py", *common, "--lambda-init", "0", "--output-dir", str(tmp_path / "cepo"))
     b = run("grpo.py", *common, "--agg", "token-mean", "--eps-high", "0.28", "--adv-eps", "1e-6",
             "--output-dir", str(tmp_path / "grpo"))

@@ -3,9 +3,9 @@
     python tools/sync_shared.py            # rewrite clipo.py, conspo.py, cepo.py, r2po.py where present
     python tools/sync_shared.py --check    # exit 1 if a variant differs (tests/test_house_rule.py checks the same)
 
-A variant's `# ALGO LOGIC:` blocks and its docstring are kept; each shared block is replaced by grpo.py's
-block of the same marker. A shared block of a variant that carries lines marked `# new vs grpo.py` is left
-alone and reported: merge those by hand.
+A variant's docstring and `# ALGO LOGIC:` blocks are kept, each after the shared block it follows; the shared
+blocks are grpo.py's, so a block added to grpo.py arrives in every variant. A shared block of a variant that carries lines marked
+`# new vs grpo.py` is left alone and reported: merge those by hand.
 """
 import re
 import sys
@@ -31,19 +31,44 @@ def is_shared(block: list[str]) -> bool:
     return bool(block) and "# TRY NOT TO MODIFY:" in block[0]
 
 
+def segments(blocks: list[list[str]]) -> tuple[list[list[str]], list[tuple[list[str], list[list[str]]]]]:
+    """(ALGO LOGIC blocks before the first shared block, [(shared block, the ALGO LOGIC blocks after it)])."""
+    head, segs = [], []
+    for block in blocks[1:]:
+        if is_shared(block):
+            segs.append((block, []))
+        else:
+            (segs[-1][1] if segs else head).append(block)
+    return head, segs
+
+
 def sync(base: str, variant: str) -> tuple[str, list[str]]:
-    shared = {b[0].strip(): b for b in split_blocks(base)[1:] if is_shared(b)}
-    out, notes = [], []
-    for block in split_blocks(variant):
-        key = block[0].strip() if block else ""
-        if is_shared(block) and key in shared:
-            if any(l.rstrip().endswith(NEW) for l in block):
-                notes.append(f"kept {key!r}: it has lines marked {NEW!r}")
-            else:
-                block = shared[key]
-        elif is_shared(block):
-            notes.append(f"{key!r} is not a block of grpo.py")
+    """The variant laid out on grpo.py's shared blocks.
+
+    ALGO LOGIC blocks are anchored to the shared block they follow (their names may differ from grpo.py's):
+    after each of grpo.py's shared blocks come the variant's ALGO LOGIC blocks that followed the same shared
+    block, or grpo.py's own where the variant has no such shared block yet (a block new in grpo.py).
+    """
+    base_blocks, var_blocks = split_blocks(base), split_blocks(variant)
+    base_head, base_segs = segments(base_blocks)
+    var_head, var_segs = segments(var_blocks)
+    var_after = {shared[0].strip(): (shared, algo) for shared, algo in var_segs}
+    known = {shared[0].strip() for shared, _ in base_segs}
+    notes = [f"{key!r} is not a block of grpo.py: its ALGO LOGIC blocks were dropped" for key in var_after
+             if key not in known]
+    out = list(var_blocks[0])
+    for block in var_head:
         out.extend(block)
+    for shared, algo in base_segs:
+        key = shared[0].strip()
+        if key in var_after:
+            var_shared, algo = var_after[key]
+            if any(l.rstrip().endswith(NEW) for l in var_shared):
+                notes.append(f"kept {key!r}: it has lines marked {NEW!r}")
+                shared = var_shared
+        out.extend(shared)
+        for block in algo:
+            out.extend(block)
     return "".join(out), notes
 
 
