@@ -172,7 +172,6 @@ def load_examples(source, tokenizer, instruction: str, max_prompt_len: int, name
     if not rows:
         raise UserError(f"{name} dataset {path!r} is empty: it needs at least one row with fields "
                         f"{q_field!r} and {a_field!r}.")
-    examples, skipped = [], 0
     for i, row in enumerate(rows):
         where = f"{name} dataset {path!r}, row {i}"
         if not isinstance(row, dict):
@@ -184,22 +183,23 @@ def load_examples(source, tokenizer, instruction: str, max_prompt_len: int, name
         if not isinstance(row[q_field], str):
             raise UserError(f"{where}: the prompt field {q_field!r} holds a {type(row[q_field]).__name__}, "
                             f"expected a string.")
-        ids = encode_prompt(tokenizer, row[q_field], instruction)
+    all_ids = encode_prompts(tokenizer, [row[q_field] for row in rows], instruction)
+    examples, skipped = [], 0
+    for i, (row, ids) in enumerate(zip(rows, all_ids)):
         if len(ids) > max_prompt_len:
             skipped += 1
             continue
-        examples.append(Example(ids, gold_from_field(row[a_field], a_format, where)))
+        examples.append(Example(ids, gold_from_field(row[a_field], a_format, f"{name} dataset {path!r}, row {i}")))
     if not examples:
         raise UserError(f"every prompt of the {name} dataset {path!r} is longer than --max-prompt-len "
                         f"{max_prompt_len} tokens ({skipped} skipped). Raise --max-prompt-len.")
     return examples, skipped
 
 
-def encode_prompt(tokenizer, question: str, instruction: str) -> list[int]:
-    """The question plus the \\boxed{} instruction, in the tokenizer's chat template where it has one."""
-    content = question + instruction
+def encode_prompts(tokenizer, questions: list[str], instruction: str) -> list[list[int]]:
+    """Each question plus the \\boxed{} instruction, in the tokenizer's chat template where it has one."""
+    contents = [q + instruction for q in questions]
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(content, add_special_tokens=False)["input_ids"]
+        contents = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                                  add_generation_prompt=True) for c in contents]
+    return tokenizer(contents, add_special_tokens=False)["input_ids"]  # one batched call: fast tokenizers parallelise
