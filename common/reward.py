@@ -333,11 +333,11 @@ def _worker_main(fd_in: int, fd_out: int) -> None:
     conn_in = Connection(fd_in, writable=False)
     conn_out = Connection(fd_out, readable=False)
     check("\\frac{1}{2}", "0.5")  # warm-up: builds the LaTeX parser before the clock runs
-    conn_out.send_bytes(b"ready")
-    while True:
-        try:
+    try:
+        conn_out.send_bytes(b"ready")
+        while True:
             batch = json.loads(conn_in.recv_bytes())
-        except EOFError:  # the parent closed the pipe or died
-            os._exit(0)  # skip interpreter teardown: freeing sympy's caches takes up to 1 s
-        for pred, gold in batch:
-            conn_out.send_bytes(json.dumps(check(pred, gold)).encode())
+            for pred, gold in batch:
+                conn_out.send_bytes(json.dumps(check(pred, gold)).encode())
+    except (EOFError, BrokenPipeError):  # the parent closed the pipe or died (e.g. a run that stops on bad input)
+        os._exit(0)  # quietly, and without interpreter teardown: freeing sympy's caches takes up to 1 s
