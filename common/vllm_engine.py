@@ -11,8 +11,8 @@ vLLM only ever sees token ids (`skip_tokenizer_init=True`, `detokenize=False`): 
 saved next to a Qwen2 model would be silently replaced by `Qwen2Tokenizer` if vLLM loaded one, so
 the caller tokenizes and decodes with its own tokenizer, and the stop ids are passed explicitly.
 
-vllm is imported lazily (in `vllm_available` and `VLLMEngine`), so `RolloutBatch`, which the HF
-`generate` fallback of the scripts also returns, imports without vllm installed. See docs/vllm.md.
+vllm is imported lazily (in `vllm_available` and `VLLMEngine`), so this module, and the scripts that
+import it, load without vllm installed (they then roll out with HF `generate`). See docs/vllm.md.
 """
 from __future__ import annotations
 
