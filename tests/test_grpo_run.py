@@ -91,7 +91,7 @@ def test_resume_dir_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_long_prompts_are_skipped_and_counted(tmp_path):
-    p = run("grpo.py", "--total-steps", "1", *TINY, "--max-prompt-len", "28", "--output-dir", str(tmp_path),
+    p = run("grpo.py", "--total-steps", "1", *TINY, "--max-prompt-len", "26", "--output-dir", str(tmp_path),
             "--eval-every", "0", "--no-vllm")
     assert p.returncode == 0, p.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()

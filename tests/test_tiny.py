@@ -90,14 +90,19 @@ def test_prompt_and_target_format():
 def test_rows_are_consistent_and_disjoint(rows):
     train, test = rows
     assert (len(train), len(test)) == (20_000, 200)
-    triples = []
-    for row in train + test:
-        a, b, c = map(int, re.findall(r"\d+", row["question"]))  # templates state a, b, c in order
-        n = a + b - c
-        assert n >= 0 and all(10 <= x <= 99 for x in (a, b, c))
-        assert row["answer"] == f"{a} + {b} - {c} = {n}\n#### {n}"  # GSM8K schema: gold after ####
-        triples.append((a, b, c))
-    assert len(set(triples)) == len(triples)  # distinct problems, so train and test share none
+    pairs = {"train": set(), "test": []}
+    for split, split_rows in (("train", train), ("test", test)):
+        for row in split_rows:
+            a, b = map(int, re.findall(r"\d+", row["question"]))  # templates state a, then b
+            assert 10 <= a <= 99 and 10 <= b <= 99
+            assert row["answer"] == f"{a} + {b} = {a + b}\n#### {a + b}"  # GSM8K schema: gold after ####
+            if split == "train":
+                pairs["train"].add((a, b))
+            else:
+                pairs["test"].append((a, b))
+    assert len(set(pairs["test"])) == len(pairs["test"])  # 200 distinct test problems
+    assert not pairs["train"] & set(pairs["test"])  # held out: no test pair is ever trained on
+    assert len(pairs["train"]) > 7000  # most of the 7,900 other pairs appear: no small set to memorise
 
 
 def test_shipped_data_is_what_the_script_regenerates(rows):

@@ -1,12 +1,15 @@
 """Build the embedded default task and the warm-started tiny model that `python grpo.py` uses.
 
-Everything under tiny/ is produced by this one seeded script (CPU, about 2 minutes on 2 cores):
-1. data/train.jsonl, data/test.jsonl: "a + b - c" word problems with two-digit numbers, rows in
-   GSM8K's schema ({"question", "answer": "... \\n#### N"}), train and test disjoint by (a, b, c).
+Everything under tiny/ is produced by this one seeded script (CPU, about a minute on 2 cores):
+1. data/train.jsonl, data/test.jsonl: "a + b" word problems with two-digit numbers, rows in
+   GSM8K's schema ({"question", "answer": "... \\n#### N"}); no (a, b) pair of the test split is
+   in the training split, so test accuracy measures arithmetic, not recall.
 2. model/: a byte-level BPE tokenizer trained on the task text (digits split one per token) and
    a 2-layer Qwen2ForCausalLM (head_dim 32, tied embeddings), warm-started by a short supervised
-   pass on prompt -> "\\boxed{N}" + EOS so that greedy test accuracy starts partly right: RL has
-   signal to climb from, and room to climb.
+   pass on prompt -> "\\boxed{N}" + EOS. The pass stops part-way up its learning curve (greedy
+   test accuracy climbs from 6% to 48% between SFT steps 300 and 600 at this lr), so RL starts
+   partly right and on a slope it can keep climbing. A warm start trained to convergence (an
+   earlier version: "a + b - c", cosine decay to 0, 19%) left RL nothing it could reach.
 
     python tiny/make_tiny.py                      # regenerate tiny/data and tiny/model
     python tiny/make_tiny.py --out-dir /tmp/tiny --sft-steps 200
@@ -14,7 +17,6 @@ Everything under tiny/ is produced by this one seeded script (CPU, about 2 minut
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 import time
@@ -42,25 +44,25 @@ class Args:
     """training problems"""
     n_test: int = 200
     """held-out problems (no (a, b, c) triple shared with train)"""
-    sft_steps: int = 900
+    sft_steps: int = 350
     """supervised warm-start steps; a step count, not wall time, so the result is reproducible"""
     warmup_steps: int = 50
-    """linear warmup, then cosine decay to 0 at sft_steps (the decay steadies the final accuracy)"""
+    """linear warmup, then a constant lr: the warm start stops mid-climb, not annealed into a minimum"""
     batch_size: int = 64
     """prompts per SFT step"""
     lr: float = 1e-3
-    """AdamW peak learning rate of the warm start (2e-3 and above learned far slower here)"""
+    """AdamW learning rate of the warm start"""
     threads: int = 2
     """torch CPU threads (the default CPU run targets a 2-core laptop)"""
 
 
-# Question templates. Each states a, b, c in this order, so a test can recompute the answer
-# from the first three numbers of the question.
+# Question templates. Each states a, then b, so a test can recompute the answer from the first two
+# numbers of the question.
 TEMPLATES = [
-    "{name} has {a} {obj}. {He} gets {b} more and gives away {c}. How many {obj} does {he} have now?",
-    "{name} had {a} {obj}, found {b} more and lost {c}. How many {obj} are left?",
-    "A box holds {a} {obj}. {name} puts in {b} more and takes out {c}. How many {obj} are in the box?",
-    "{name} buys {a} {obj}, then {b} more, then sells {c}. How many {obj} does {he} keep?",
+    "{name} has {a} {obj}. {He} gets {b} more. How many {obj} does {he} have now?",
+    "{name} had {a} {obj} and found {b} more. How many {obj} are there?",
+    "A box holds {a} {obj}. {name} puts in {b} more. How many {obj} are in the box?",
+    "{name} buys {a} {obj}, then {b} more. How many {obj} does {he} have?",
 ]
 NAMES = [("Tom", "he"), ("Anna", "she"), ("Sam", "he"), ("Mia", "she"), ("Leo", "he"), ("Zoe", "she")]
 OBJECTS = ["apples", "books", "coins", "pens", "cards", "shells"]
@@ -88,25 +90,25 @@ def extract_boxed_int(text: str) -> int | None:
 
 
 def make_rows(n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Distinct (a, b, c) triples with a + b - c >= 0; the first n_test go to test."""
+    """n_test distinct (a, b) pairs for test; n_train rows drawn from the other 8100 - n_test pairs.
+
+    A pair can recur in train under another template, name or object (there are only 8100 pairs);
+    no test pair is ever in train. Two-digit a + b is learned steadily by the tiny model, with a
+    long partly-right window (3-digit answers need the carry).
+    """
     rng = random.Random(seed)
-    triples: set[tuple[int, int, int]] = set()
-    ordered = []  # a set's iteration order is not seeded: keep draw order for determinism
-    while len(ordered) < n_train + n_test:
-        a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(10, 99)
-        if a + b - c < 0 or (a, b, c) in triples:
-            continue
-        triples.add((a, b, c))
-        ordered.append((a, b, c))
-    rows = []
-    for a, b, c in ordered:
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    rng.shuffle(pairs)
+    test_pairs, train_pairs = pairs[:n_test], pairs[n_test:]
+
+    def row(a: int, b: int) -> dict:
         name, he = rng.choice(NAMES)
-        question = rng.choice(TEMPLATES).format(
-            name=name, He=he.capitalize(), he=he, obj=rng.choice(OBJECTS), a=a, b=b, c=c
-        )
-        ans = a + b - c
-        rows.append({"question": question, "answer": f"{a} + {b} - {c} = {ans}\n#### {ans}"})
-    return rows[n_test:], rows[:n_test]
+        question = rng.choice(TEMPLATES).format(name=name, He=he.capitalize(), he=he, obj=rng.choice(OBJECTS), a=a, b=b)
+        return {"question": question, "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+
+    test = [row(a, b) for a, b in test_pairs]
+    train = [row(*rng.choice(train_pairs)) for _ in range(n_train)]
+    return train, test
 
 
 def gold_int(row: dict) -> int:
@@ -229,7 +231,7 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: min(1.0, (s + 1) / args.warmup_steps) * 0.5 * (1.0 + math.cos(math.pi * s / args.sft_steps)),
+        lambda s: min(1.0, (s + 1) / args.warmup_steps),
     )
     batch_rng = random.Random(args.seed + 1)
     t0 = time.time()
