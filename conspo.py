@@ -103,7 +103,7 @@ class Args:
     total_steps: Optional[int] = None
     """rollout batches to train on (preset)"""
     learning_rate: Optional[float] = None
-    """AdamW learning rate (preset: 1e-6 for real models, 3e-5 for the embedded tiny model)"""
+    """AdamW learning rate (preset: 1e-6 for real models, 1e-4 for the embedded tiny model)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_steps: int = 0
@@ -150,6 +150,8 @@ class Args:
     """continue a run from its directory (or one of its checkpoints)"""
     reward_timeout_s: float = 5.0
     """wall-clock bound of one reward check; a check past it scores 0 and its worker is restarted"""
+    reward_workers: int = 2
+    """math-verify worker processes; a batch's distinct answers are split between them"""
 
     # computed at runtime
     run_name: str = ""
@@ -159,8 +161,8 @@ class Args:
 # ALGO LOGIC: defaults that depend on the model: the embedded tiny model trains in minutes on a CPU; a real
 # model uses the values of the paper (ALGORITHMS.md: G=8, lr 2e-6, 1k-token responses).
 PRESETS = {
-    "embedded": dict(dataset="embedded", prompts_per_step=32, max_new_tokens=12, total_steps=60, learning_rate=3e-5,
-                     micro_batch_size=256, gradient_checkpointing=False, eval_every=10, eval_limit=200),
+    "embedded": dict(dataset="embedded", prompts_per_step=32, max_new_tokens=12, total_steps=300, learning_rate=1e-4,
+                     micro_batch_size=256, gradient_checkpointing=False, eval_every=20, eval_limit=200),
     "real": dict(dataset="gsm8k", prompts_per_step=32, max_new_tokens=1024, total_steps=500, learning_rate=2e-6,
                  micro_batch_size=8, gradient_checkpointing=True, eval_every=50, eval_limit=None),
 }
@@ -355,7 +357,7 @@ if __name__ == "__main__":
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
-    checker = RewardChecker(timeout_s=args.reward_timeout_s)
+    checker = RewardChecker(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
 
     # ALGO LOGIC: the algorithm's own trainable state, saved in checkpoints by name (ConSPO: none)
     algo_state = {}
