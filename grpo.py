@@ -142,8 +142,8 @@ class Args:
     """continue a run from its directory (or one of its checkpoints)"""
     reward_timeout_s: float = 5.0
     """wall-clock bound of one reward check; a check past it scores 0 and its worker is restarted"""
-    reward_workers: int = 2
-    """math-verify worker processes; a batch's distinct answers are split between them"""
+    reward_workers: int = 1
+    """math-verify worker processes; a batch's distinct answers are split between them (helps slow checks only)"""
 
     # computed at runtime
     run_name: str = ""
