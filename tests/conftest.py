@@ -16,3 +16,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config):
+    # `slow`: runs a script end to end (subprocesses, vLLM engines); `pytest -m "not slow"` is the fast subset that
+    # tools/mutate.py runs against every planted bug.
+    config.addinivalue_line("markers", "slow: end-to-end runs of the scripts (minutes); deselect with -m 'not slow'")
