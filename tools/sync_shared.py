@@ -1,7 +1,7 @@
-"""Copy grpo.py's `# TRY NOT TO MODIFY:` blocks into the algorithm variants (STYLE.md's house rule).
+"""Copy grpo.py's `# TRY NOT TO MODIFY:` blocks into the algorithm variants (the house rule of CONTRIBUTING.md).
 
     python tools/sync_shared.py            # rewrite clipo.py, conspo.py, cepo.py, r2po.py where present
-    python tools/sync_shared.py --check    # exit 1 if a variant differs (tests/test_house_rule.py checks the same)
+    python tools/sync_shared.py --check    # exit 1 if a variant differs (tests/test_house_rule.py uses `compare`)
 
 A variant's docstring and `# ALGO LOGIC:` blocks are kept, each after the shared block it follows; the shared
 blocks are grpo.py's, so a block added to grpo.py arrives in every variant. A shared block of a variant that carries lines marked
@@ -29,6 +29,27 @@ def split_blocks(text: str) -> list[list[str]]:
 
 def is_shared(block: list[str]) -> bool:
     return bool(block) and "# TRY NOT TO MODIFY:" in block[0]
+
+
+def shared_blocks(text: str) -> list[tuple[str, list[str]]]:
+    """(marker line, lines) of each shared block, without the lines a variant marks `# new vs grpo.py`."""
+    return [(block[0].strip(), [l.rstrip() for l in block[1:] if not l.rstrip().endswith(NEW)])
+            for block in split_blocks(text)[1:] if is_shared(block)]
+
+
+def compare(base: str, variant: str) -> list[str]:
+    """Human-readable differences between the shared blocks of two scripts (empty: the variant obeys the rule)."""
+    a, b = shared_blocks(base), shared_blocks(variant)
+    if [m for m, _ in a] != [m for m, _ in b]:
+        return [f"shared block markers differ:\n  grpo.py: {[m for m, _ in a]}\n  variant: {[m for m, _ in b]}"]
+    problems = []
+    for (marker, la), (_, lb) in zip(a, b):
+        if la != lb:
+            first = next((i for i, (x, y) in enumerate(zip(la, lb)) if x != y), min(len(la), len(lb)))
+            problems.append(f"{marker}: line {first + 1} of the block differs:\n"
+                            f"  grpo.py: {la[first] if first < len(la) else '<end>'}\n"
+                            f"  variant: {lb[first] if first < len(lb) else '<end>'}")
+    return problems
 
 
 def segments(blocks: list[list[str]]) -> tuple[list[list[str]], list[tuple[list[str], list[list[str]]]]]:
