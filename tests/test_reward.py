@@ -213,6 +213,62 @@ def test_restrict_string_eval(monkeypatch, tmp_path):
     assert sympy.sympify("72") == 72 and sympy.Number("2.5") == 2.5
 
 
+# A stand-in for a parser that hands the raw answer to sympy's string eval; see the test's docstring.
+UNSAFE_PARSE = r"""
+import json
+import os
+
+import math_verify
+import sympy
+
+_parse = math_verify.parse
+
+
+def parse(text, *args, **kwargs):
+    answer = text.removeprefix("\\boxed{").removesuffix("}")  # the worker parses "\boxed{" + answer + "}"
+    try:
+        sympy.sympify(answer)
+        outcome = "evaluated"
+    except Exception as e:
+        outcome = f"refused: {e}"
+    with open(os.environ["REWARD_TEST_EVAL_LOG"], "a") as f:
+        f.write(json.dumps([answer, outcome]) + "\n")
+    return _parse(text, *args, **kwargs)
+
+
+math_verify.parse = parse
+"""
+
+
+def test_worker_installs_the_guard(monkeypatch, tmp_path):
+    """The guard as the scripts get it: RewardChecker's real worker processes, started as the scripts start them,
+    with answers that run code if sympy's string eval sees them unguarded.
+
+    Stand-in, and why: no answer reaches sympy's eval with code through math-verify 0.9.0's LaTeX path (only number
+    tokens get there, docs/reward.md), so with the real parser alone these answers score 0 with or without the guard.
+    A `sitecustomize` on the workers' PYTHONPATH makes math_verify.parse first hand the raw answer to
+    `sympy.sympify`, as a parser that reached the eval would (math-verify's own ExprExtractionConfig path calls
+    `parse_expr` on raw text). The rest is real: the worker's startup, where the guard is installed, math-verify
+    and the pipes. Without the guard five of the seven attacks run and the sentinel file appears."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(UNSAFE_PARSE)
+    log = tmp_path / "eval.jsonl"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("REWARD_TEST_EVAL_LOG", str(log))
+    sentinel = tmp_path / "SENTINEL"
+    attacks = _code_attacks(sentinel)
+    gold_attacks = [extract_boxed(a) for a in _code_attacks(tmp_path / "GOLD_SENTINEL")]  # other strings: no cache hit
+    with RewardChecker(timeout_s=30.0) as c:
+        assert c.score(attacks, ["72"] * len(attacks)) == [0.0] * len(attacks)
+        assert c.score([r"\boxed{1}"] * len(gold_attacks), gold_attacks) == [0.0] * len(gold_attacks)
+        assert c.score([r"\boxed{72}"], ["72"]) == [1.0]  # the stand-in leaves judging as it was
+    assert not sentinel.exists() and not (tmp_path / "GOLD_SENTINEL").exists()
+    outcomes = dict(json.loads(line) for line in log.read_text().splitlines())
+    for answer in [extract_boxed(a) for a in attacks] + gold_attacks:  # each one reached sympify, which refused it
+        assert "call-free" in outcomes[answer], answer
+
+
 ODD_INPUTS = [  # (name, completion scored against gold "72", the counter it must raise)
     ("10,000-deep braces", rf"\boxed{{{_nested(10_000, '72')}}}", "rejected"),
     ("too deep, short", rf"\boxed{{{_nested(MAX_BRACE_DEPTH + 1, '72')}}}", "rejected"),
