@@ -5,7 +5,8 @@ with an online logsumexp in fp32; the backward writes d(loss)/d(logits) in one m
 Kernel 2 (`head_logprobs`): hidden [N, d] and LM-head weight [V, d] -> the same outputs,
 vocab chunk by vocab chunk, so [N, V] logits never exist: each chunk's logits come from one
 cuBLAS matmul and are folded into per-row running statistics by the kernel of kernel 1; the
-backward recomputes each chunk, turns it into d(loss)/d(logits) in place, and multiplies out
+backward recomputes each chunk (the same matmul in the forward's dtype, bf16 under autocast, so that
+the saved logsumexp belongs to it), turns it into d(loss)/d(logits) in place, and multiplies out
 the grads of hidden (accumulated over chunks in fp32) and of the weight (one matmul per chunk).
 
 Notation (docs/kernels.md derives it): x = logits / T, lse = logsumexp(x), logp_y = x_y - lse,
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCK_V = 4096  # columns per program step; large enough to stream at full bandwidth
+MAX_BLOCK_V = 4096  # columns per program step (a guess at what streams at full bandwidth: unmeasured on a GPU)
 CHUNK_ELEMS = 2**26  # kernel 2: N * chunk_v logits per chunk (128 MiB in bf16), whatever V is
 
 
@@ -200,20 +201,23 @@ class _HeadLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, index, temperature, with_entropy, ignore_index, chunk_v, block_v):
         n, V = hidden.shape[0], weight.shape[0]
         stats = _Stats(n, hidden.device)
+        logits_dtype = hidden.dtype
         for c0 in range(0, V if n else 0, chunk_v):
-            logits = hidden @ weight[c0 : c0 + chunk_v].T  # (n, chunk) in the model's dtype, as lm_head
+            # (n, chunk) in the model's dtype, as lm_head would make them: bf16 under autocast
+            logits = hidden @ weight[c0 : c0 + chunk_v].T
+            logits_dtype = logits.dtype
             stats.update(logits, n, 0, logits.stride(0), index, c0, logits.shape[1], 1.0 / temperature,
                          ignore_index, with_entropy, block_v)
         logp, ent, lse = stats.finalize(index != ignore_index, with_entropy)
         ctx.save_for_backward(hidden, weight, index, lse, ent)
-        ctx.args = (1.0 / temperature, ignore_index, chunk_v, block_v)
+        ctx.args = (1.0 / temperature, ignore_index, chunk_v, block_v, logits_dtype)
         ctx.set_materialize_grads(False)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, index, lse, ent = ctx.saved_tensors
-        inv_temp, ignore_index, chunk_v, block_v = ctx.args
+        inv_temp, ignore_index, chunk_v, block_v, dt = ctx.args
         need_h, need_w = ctx.needs_input_grad[:2]
         n, V = hidden.shape[0], weight.shape[0]
         g_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
@@ -221,15 +225,25 @@ class _HeadLogprobs(torch.autograd.Function):
         g_logp, g_ent = _flat_grad(g_logp), _flat_grad(g_ent)
         if n == 0 or (g_logp is None and g_ent is None):
             return _cast(g_hidden, hidden), g_weight, None, None, None, None, None, None
-        for c0 in range(0, V, chunk_v):
-            w = weight[c0 : c0 + chunk_v]
-            g = hidden @ w.T  # recompute this chunk's logits, then overwrite them with dL/dlogits
-            _launch_grad(g, n, 0, g.stride(0), g, index, lse, ent, g_logp, g_ent,
-                         c0, g.shape[1], inv_temp, ignore_index, block_v)
-            if need_h:
-                g_hidden += g @ w  # fp32 sum over vocab chunks; each product is one cuBLAS matmul
-            if need_w:
-                torch.mm(g.T, hidden, out=g_weight[c0 : c0 + chunk_v])  # complete: sums over all rows
+        # The recomputed logits must be the forward's: the same matmul in the same dtype. Under autocast the
+        # forward's are bf16; recomputed in fp32 (backward runs outside autocast) against the bf16 lse, the
+        # p_j = exp(x_j - lse) sum to exp(lse32 - lse16) != 1, off by up to ~2^-8 |x|, and where 1 - p_y is
+        # smaller than that (most sampled tokens) d log p_y / dx_y = 1 - p_y flips sign. So the backward
+        # casts explicitly to the forward's dtype with autocast off, whatever autocast state it runs under.
+        h = hidden.to(dt)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for c0 in range(0, V, chunk_v):
+                w = weight[c0 : c0 + chunk_v].to(dt)
+                g = h @ w.T  # recompute this chunk's logits, then overwrite them with dL/dlogits
+                _launch_grad(g, n, 0, g.stride(0), g, index, lse, ent, g_logp, g_ent,
+                             c0, g.shape[1], inv_temp, ignore_index, block_v)
+                if need_h:
+                    g_hidden += g @ w  # fp32 sum over vocab chunks; each product is one cuBLAS matmul
+                if need_w:  # complete: sums over all rows
+                    if g_weight.dtype == dt:
+                        torch.mm(g.T, h, out=g_weight[c0 : c0 + chunk_v])
+                    else:  # fp32 master weight under autocast: a bf16 product, stored in fp32 as autograd would
+                        g_weight[c0 : c0 + chunk_v] = g.T @ h
         return _cast(g_hidden, hidden), g_weight, None, None, None, None, None, None
 
 

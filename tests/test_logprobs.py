@@ -376,3 +376,112 @@ def test_gpu_head_kernel_matches_torch_reference():
         out[backend] = (lp, ent, h.grad.float(), w.grad.float())
     for got, want in zip(out["triton"], out["torch"]):
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
+
+
+# ---------------------------------------------------------------- bf16 autocast, as the scripts run on CUDA
+# fp32 master weights, `torch.autocast(dtype=bfloat16)` around the forward, backward outside it (grpo.py).
+# The bounds below are worst-case bf16 error bounds computed from the float64 reference, not fitted
+# constants: U = 2^-8 is bf16's unit roundoff (8 significant bits, round to nearest), products accumulate
+# in fp32 (2^-24 per add) and the matmul output is rounded once to bf16.
+U = 2.0**-8
+EPS32 = 2.0**-24
+
+
+def bf16_exact(t):
+    return t.to(torch.bfloat16).double()
+
+
+def peaked_head_case(seed=11, n=6, d=32):
+    """bf16-exact hidden and weight (autocast's input casts are then exact, so the only roundings are the
+    paths' own), with logits of a trained LM's size (max |x| 11-29): targets 7, 9 and 11 above the rest
+    (p_y 0.997-0.99994, as for most tokens a trained model samples: where 1 - p_y is tiny, a backward
+    whose probabilities do not sum to 1 is most wrong), 3 above, tied with the max, and 2 below."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(V, d, generator=g, dtype=torch.float64) / d**0.5
+    index = torch.randint(0, V, (n,), generator=g)
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64) * 2.5
+    margin = torch.tensor([7.0, 9.0, 11.0, 3.0, 0.0, -2.0])[:n]
+    wy = weight[index]
+    for _ in range(4):  # moving hidden along w_y moves the other logits too: a few fixed-point steps
+        others = (hidden @ weight.T).scatter(-1, index[:, None], -float("inf")).amax(-1)
+        x_y = (hidden * wy).sum(-1)
+        hidden = hidden + ((others + margin - x_y) / (wy * wy).sum(-1))[:, None] * wy
+    return bf16_exact(hidden), bf16_exact(weight), index
+
+
+def bf16_bounds(hidden, weight, index, a):
+    """Float64 reference values and grads, and worst-case bounds on a bf16-autocast path's errors.
+
+    delta bounds each logit's error: fp32 accumulation of d exact products, then one bf16 rounding.
+    logp = x_y - lse moves by at most 2 delta (lse is 1-Lipschitz in the max norm). Each p_j moves by a
+    factor within exp(+-2 delta), and, as p sums to 1, so does 1 - p_y; hence every component of the
+    logit gradient a (1[j = y] - p_j) is within a relative expm1(2 delta) (plus fp32 rounding), is then
+    rounded to bf16 (U), and the grad matmuls add U (bf16 output) and V * 2^-24 (fp32 accumulation of at
+    most V terms) of the sum of absolute terms. The entropy, whose logit gradient has l1 norm <= 2 H, moves by at most
+    H expm1(2 delta) (Gronwall). A backward whose softmax probabilities do not sum to 1 breaks the
+    1 - p_y step: its error is then absolute (~ delta), not relative to 1 - p_y, and the bound fails."""
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    x = h @ w.T
+    lsm = torch.log_softmax(x, -1)
+    logp = lsm.gather(-1, index[:, None]).squeeze(-1)
+    ent = -(lsm.exp() * lsm).sum(-1)
+    (logp * a).sum().backward()
+    x, n_vocab, d = x.detach(), weight.shape[0], weight.shape[1]
+    xmax = x.abs().amax(-1)
+    fp32 = 16 * EPS32 * (1 + xmax)  # absolute fp32 error of lse, exp, 1 - p_y: a few ulps at |x|
+    delta = U * xmax + (1 + U) * d * EPS32 * (hidden.abs() @ weight.abs().T).amax(-1)
+    k = torch.expm1(2 * delta) + fp32  # relative error of the fp32 logit gradient, per row
+    k = k + U * (1 + k)  # ... rounded to bf16
+    k = k + (U + n_vocab * EPS32) * (1 + k)  # ... through a bf16 matmul with fp32 accumulation
+    g_abs = (torch.nn.functional.one_hot(index, n_vocab) - lsm.detach().exp()).abs() * a.abs()[:, None]
+    slack = (fp32 * a.abs())[:, None] * (1 + k[:, None])  # the absolute fp32 term, per logit
+    bounds = (2 * delta + fp32, ent.detach() * torch.expm1(2 * delta) + fp32,
+              (k[:, None] * g_abs + slack) @ weight.abs(), (k[:, None] * g_abs + slack).T @ hidden.abs())
+    return (logp.detach(), ent.detach(), h.grad, w.grad), bounds
+
+
+def bf16_autocast_path(path):
+    """fn(hidden, weight, index) -> (logp, entropy) under bf16 autocast, fp32 master tensors."""
+    def fn(h, w, i):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            if path == "triton-logits":  # kernel 1 on the bf16 logits of an autocast LM head
+                return tk.logits_logprobs(h @ w.T, i, 1.0, True, IGNORE, BLOCK_V)
+            if path == "triton-head":
+                return tk.head_logprobs(h, w, i, 1.0, True, IGNORE, chunk_v=CHUNK_V, block_v=128)
+            return hidden_logprobs(h, w, i, 1.0, True, path, IGNORE)
+    return fn
+
+
+BF16_PATHS = ["triton-logits", "triton-head", "torch", "plain"]
+
+
+@pytest.mark.parametrize("path", BF16_PATHS)
+def test_bf16_autocast_within_bf16_error_bounds(path):
+    hidden, weight, index = peaked_head_case()
+    a = upstream(len(index))[0].float().double()  # fp32-exact upstream grads
+    want, bounds = bf16_bounds(hidden, weight, index, a)
+    h, w = leaf(hidden.float()), leaf(weight.float())
+    lp, ent = bf16_autocast_path(path)(h, w, index.to(DEV))
+    (lp.double().cpu() * a).sum().backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    names = ["logp", "entropy", "grad hidden", "grad weight"]
+    for got, ref, bound, what in zip((lp, ent, h.grad, w.grad), want, bounds, names):
+        err = (got.detach().double().cpu() - ref).abs()
+        worst = (err / bound).max().item()
+        assert worst <= 1, f"{path} {what}: error {err.max().item():.3g}, {worst:.3g} x its bf16 bound"
+
+
+@pytest.mark.parametrize("path", BF16_PATHS)
+def test_bf16_autocast_backward_probabilities_sum_to_one(path):
+    """sum_j dlogp_y/dx_j = 1 - sum_j p_j must be 0: log-softmax is invariant to a shift of all logits.
+    Read through the weight grad of a one-row call, dL/dW_j = g_j h, so g_j = (dL/dW_j . h) / |h|^2."""
+    hidden, weight, index = peaked_head_case()
+    for r in range(len(index)):
+        h, w = leaf(hidden[r : r + 1].float()), leaf(weight.float())
+        lp, _ = bf16_autocast_path(path)(h, w, index[r : r + 1].to(DEV))
+        lp.sum().backward()
+        hr = hidden[r]
+        g = (w.grad.double().cpu() @ hr) / (hr @ hr)  # dL/dlogits after two bf16 roundings (g_j, g_j h_k)
+        p_sum = 1 - g.sum().item()
+        tol = 2 * U * g.abs().sum().item() + 16 * EPS32 * (1 + (hr @ weight.T).abs().max().item())  # + fp32 ulps
+        assert abs(p_sum - 1) <= tol, f"{path} row {r}: probabilities in the backward sum to {p_sum:.6f}"
