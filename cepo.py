@@ -13,8 +13,9 @@ How this file differs from grpo.py:
    (`cepo_advantages`);
 3. lambda decays linearly from 0.5 to 0 over 25 steps (`cepo_lambda`); from then on the teachers are skipped and
    the update is GRPO's;
-4. the loss takes (b, T) advantages (`cepo_loss`); defaults of the official script: clip 0.2 / 0.28, token-mean,
-   no KL, std eps 1e-6, lr 5e-6 for a real model.
+4. the loss is grpo.py's `grpo_loss` given the (b, T) Ahat_t; defaults of the official script: clip 0.2 / 0.28,
+   EasyR1's dual clip 3.0 (a token with Ahat < 0 loses at most -3 Ahat; binds only with more than one update per
+   rollout batch, grpo.py: off), token-mean, no KL, std eps 1e-6, lr 5e-6 for a real model.
 
 Paper vs official code (default first, the other behind a flag):
 - no usable wrong answer (no rejected rollout in the group, or none with a \\boxed{} answer): the paper falls back
@@ -24,6 +25,10 @@ Paper vs official code (default first, the other behind a flag):
 - eps_w: 0.2 in the official script (default), 0.5 in the paper and its README (--eps-w 0.5).
 - lr for a real model: 5e-6 in the official CEPO script (default), 1e-6 for its GRPO and RLSD baselines
   (--learning-rate 1e-6 compares at grpo.py's lr).
+- the surrogate: the README says "a standard PPO-clipped surrogate"; the official code adds the dual clip (default;
+  --dual-clip None for the plain one).
+- updates per rollout batch: the official script takes 2 (32 prompts a rollout batch, 16 an update); the default
+  here is grpo.py's 1 (--num-minibatches 2 for the official schedule).
 
 Real run (one GPU):  python cepo.py --model Qwen2.5-1.5B --dataset gsm8k --track
 Default (CPU, minutes): python cepo.py
@@ -148,6 +153,9 @@ class Args:
     """lambda decays linearly to 0 over this many steps; after them the teachers are skipped (plain GRPO)"""
     eps_w: float = 0.2
     """token weights are clipped to [1 - eps_w, 1 + eps_w] (official script 0.2; paper and README 0.5); keep < 1"""
+    dual_clip: Optional[float] = 3.0
+    """dual-clip PPO: the loss of a token with Ahat < 0 is capped at -c Ahat, binds where rho > c (official: EasyR1's
+    clip_ratio_dual 3.0; None: off, as grpo.py)"""
     fallback: Literal["rlsd", "official"] = "rlsd"
     """no usable wrong answer in a group: the paper's RLSD Delta against pi_old, or the official code's r- = r+
     and literal ' None' answer"""
@@ -218,19 +226,29 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(x) - x - 1
 
 
-def cepo_loss(logps, old_logps, advantages, mask, *, eps_low, eps_high, beta, ref_logps, agg, n_seqs, n_tokens,
-              max_new_tokens, is_weights=None):
-    """grpo_loss with one advantage per token: logps/old_logps/advantages/ref_logps/mask/is_weights all (b, T).
+def grpo_loss(logps, old_logps, advantages, mask, *, eps_low, eps_high, beta, ref_logps, agg, n_seqs, n_tokens,
+              max_new_tokens, is_weights=None, dual_clip=None):
+    """Clipped surrogate with k3 KL. logps/old_logps/ref_logps/mask/is_weights (b, T); advantages (b,), one per
+    sequence, or (b, T), one per token.
 
+    dual_clip: c > 1 caps the loss of a token with A < 0 at -c A (dual-clip PPO, arXiv 1912.09729, as verl and
+    EasyR1); it binds only where rho > c, i.e. with more than one update per rollout batch. None: off (TRL).
     is_weights: truncated importance weights min(pi_old / pi_sampler, cap) against the rollout engine, or None.
 
     Returns (loss, stats) where stats holds sums over masked tokens for the clip-ratio and KL logs.
     """
-    ratio = torch.exp(logps - old_logps)  # (b, T)
-    adv = advantages  # (b, T): CEPO's Ahat_t
-    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
-    per_token = -surrogate if is_weights is None else -surrogate * is_weights
+    ratio = torch.exp(torch.clamp(logps - old_logps, -20.0, 20.0))  # (b, T); verl/EasyR1 clamp: no inf, no NaN grad
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (b, 1) or (b, T)
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     stats = {}
+    if dual_clip is not None:
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        dual = (adv < 0) & (per_token > -dual_clip * adv)  # the cap binds (EasyR1's pg_clipfrac_lower)
+        per_token = torch.where(dual, -dual_clip * adv, per_token)
+        stats["clip_ratio/dual_mean"] = (dual.float() * mask).sum()
+    if is_weights is not None:
+        per_token = per_token * is_weights
     if beta > 0:
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl
@@ -275,15 +293,21 @@ def wrong_answers(texts: list[str], rewards: torch.Tensor, group_size: int, offi
     return answers, falls_back
 
 
-def cepo_advantages(advantages: torch.Tensor, delta: torch.Tensor, lam: float, eps_w: float):
-    """Ahat_t = A_i [(1 - lam) + lam clip(w_t, 1 - eps_w, 1 + eps_w)] with w_t = exp(sign(A_i) Delta_t).
+def cepo_advantages(advantages: torch.Tensor, delta: torch.Tensor, lam: float, eps_w: float,
+                    mask: Optional[torch.Tensor] = None):
+    """Ahat_t = A_t [(1 - lam) + lam clip(w_t, 1 - eps_w, 1 + eps_w)] with w_t = exp(s_i Delta_t), where s_i is the
+    sign of row i's masked sum of advantages: the official `apply_cepo_weighting`.
 
-    advantages (N,), delta (N, T) -> (Ahat (N, T), w (N, T)). The bracket is positive for eps_w < 1, so Ahat_t keeps
-    A_i's sign whatever Delta_t is; exp may overflow to inf, which the clip caps (official code: no clamp either).
+    advantages (N,), one per rollout (GRPO's: then s_i = sign(A_i)), or (N, T), one per token; delta, mask (N, T)
+    -> (Ahat (N, T), 0 where mask is 0 as the official code; w (N, T)). mask None: every position is a response
+    token. The bracket is positive for eps_w < 1, so Ahat_t keeps A_t's sign whatever Delta_t is; exp may overflow
+    to inf, which the clip caps (official code: no clamp either).
     """
-    a = advantages.unsqueeze(1)  # (N, 1)
-    w = torch.exp(torch.sign(a) * delta)  # (N, T)
-    return a * ((1 - lam) + lam * w.clamp(1 - eps_w, 1 + eps_w)), w
+    a = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (N, 1) or (N, T)
+    mask = torch.ones_like(delta) if mask is None else mask
+    sign = torch.sign((a * mask).sum(1, keepdim=True))  # (N, 1) the sign of each row's masked sum
+    w = torch.exp(sign * delta)  # (N, T)
+    return a * ((1 - lam) + lam * w.clamp(1 - eps_w, 1 + eps_w)) * mask, w
 
 
 @torch.no_grad()
@@ -613,7 +637,7 @@ if __name__ == "__main__":
                                        rlsd_fallback=args.fallback == "rlsd", pad_id=pad_id,
                                        temperature=args.temperature, backend=args.logprob_backend, mb_size=mb_size)
             model.train()
-        advantages, w = cepo_advantages(advantages, delta, lam, args.eps_w)  # (B*G, L-1) Ahat_t
+        advantages, w = cepo_advantages(advantages, delta, lam, args.eps_w, completion_mask)  # (B*G, L-1) Ahat_t
         metrics["cepo/lambda"] = lam
         taught = completion_mask.bool() & teach.to(device).unsqueeze(1)  # response tokens the teachers read
         if bool(taught.any()):
@@ -646,11 +670,11 @@ if __name__ == "__main__":
                         is_weights = torch.exp(old_logps[mb, : L - 1] - sampling_logps[mb, : L - 1]).clamp(
                             max=args.tis_cap)
                     # ALGO LOGIC: the loss of a micro-batch (one advantage per token)
-                    loss, stats = cepo_loss(logps, old_logps[mb, : L - 1], advantages[mb, : L - 1], mb_mask,
+                    loss, stats = grpo_loss(logps, old_logps[mb, : L - 1], advantages[mb, : L - 1], mb_mask,
                                             eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
                                             ref_logps=ref_logps[mb, : L - 1], agg=args.agg, n_seqs=n_seqs,
                                             n_tokens=n_tokens, max_new_tokens=args.max_new_tokens,
-                                            is_weights=is_weights)
+                                            is_weights=is_weights, dual_clip=args.dual_clip)
                     # TRY NOT TO MODIFY: backward, statistics
                     loss.backward()
                     for k, v in {"loss": loss.detach(), **stats}.items():
@@ -688,7 +712,7 @@ if __name__ == "__main__":
             diff = (old_logps - sampling_logps).abs() * seen
             metrics["sampling/sampling_logp_difference/mean"] = float(diff.sum()) / max(float(seen.sum()), 1.0)
             metrics["sampling/sampling_logp_difference/max"] = float(diff.max())
-        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl"):
+        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual_mean", "kl"):
             if k in stats_sum:
                 metrics[k] = stats_sum[k] / n_tok
         if args.eval_every and eval_set and (global_step % args.eval_every == 0 or global_step == args.total_steps):

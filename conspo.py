@@ -574,7 +574,7 @@ if __name__ == "__main__":
             diff = (old_logps - sampling_logps).abs() * seen
             metrics["sampling/sampling_logp_difference/mean"] = float(diff.sum()) / max(float(seen.sum()), 1.0)
             metrics["sampling/sampling_logp_difference/max"] = float(diff.max())
-        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl"):
+        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual_mean", "kl"):
             if k in stats_sum:
                 metrics[k] = stats_sum[k] / n_tok
         if args.eval_every and eval_set and (global_step % args.eval_every == 0 or global_step == args.total_steps):

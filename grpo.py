@@ -126,6 +126,8 @@ class Args:
     """upper clip of the ratio (DAPO clip-higher: 0.28)"""
     beta: float = 0.0
     """k3 KL coefficient to a frozen copy of the initial policy (0: no reference model)"""
+    dual_clip: Optional[float] = None
+    """dual-clip PPO: cap the loss of a token with A < 0 at -c A, binds where rho > c (verl: 3.0; None: off, as TRL)"""
     drop_zero_std_groups: bool = False
     """drop groups whose rewards are all equal from the loss (they are always counted in frac_reward_zero_std)"""
 
@@ -193,18 +195,28 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_loss(logps, old_logps, advantages, mask, *, eps_low, eps_high, beta, ref_logps, agg, n_seqs, n_tokens,
-              max_new_tokens, is_weights=None):
-    """Clipped surrogate with k3 KL. logps/old_logps/ref_logps/mask/is_weights (b, T); advantages (b,).
+              max_new_tokens, is_weights=None, dual_clip=None):
+    """Clipped surrogate with k3 KL. logps/old_logps/ref_logps/mask/is_weights (b, T); advantages (b,), one per
+    sequence, or (b, T), one per token.
 
+    dual_clip: c > 1 caps the loss of a token with A < 0 at -c A (dual-clip PPO, arXiv 1912.09729, as verl and
+    EasyR1); it binds only where rho > c, i.e. with more than one update per rollout batch. None: off (TRL).
     is_weights: truncated importance weights min(pi_old / pi_sampler, cap) against the rollout engine, or None.
 
     Returns (loss, stats) where stats holds sums over masked tokens for the clip-ratio and KL logs.
     """
-    ratio = torch.exp(logps - old_logps)  # (b, T)
-    adv = advantages.unsqueeze(1)  # (b, 1)
-    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
-    per_token = -surrogate if is_weights is None else -surrogate * is_weights
+    ratio = torch.exp(torch.clamp(logps - old_logps, -20.0, 20.0))  # (b, T); verl/EasyR1 clamp: no inf, no NaN grad
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (b, 1) or (b, T)
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     stats = {}
+    if dual_clip is not None:
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        dual = (adv < 0) & (per_token > -dual_clip * adv)  # the cap binds (EasyR1's pg_clipfrac_lower)
+        per_token = torch.where(dual, -dual_clip * adv, per_token)
+        stats["clip_ratio/dual_mean"] = (dual.float() * mask).sum()
+    if is_weights is not None:
+        per_token = per_token * is_weights
     if beta > 0:
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl
@@ -521,7 +533,7 @@ if __name__ == "__main__":
                                             eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
                                             ref_logps=ref_logps[mb, : L - 1], agg=args.agg, n_seqs=n_seqs,
                                             n_tokens=n_tokens, max_new_tokens=args.max_new_tokens,
-                                            is_weights=is_weights)
+                                            is_weights=is_weights, dual_clip=args.dual_clip)
                     # TRY NOT TO MODIFY: backward, statistics
                     loss.backward()
                     for k, v in {"loss": loss.detach(), **stats}.items():
@@ -559,7 +571,7 @@ if __name__ == "__main__":
             diff = (old_logps - sampling_logps).abs() * seen
             metrics["sampling/sampling_logp_difference/mean"] = float(diff.sum()) / max(float(seen.sum()), 1.0)
             metrics["sampling/sampling_logp_difference/max"] = float(diff.max())
-        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl"):
+        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual_mean", "kl"):
             if k in stats_sum:
                 metrics[k] = stats_sum[k] / n_tok
         if args.eval_every and eval_set and (global_step % args.eval_every == 0 or global_step == args.total_steps):

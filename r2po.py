@@ -154,6 +154,8 @@ class Args:
     """k3 KL coefficient to a frozen copy of the initial policy, in both stages (official 0.04; 0: no reference)"""
     drop_zero_std_groups: bool = True
     """drop groups whose rewards are all equal from the loss (official: skipped); counted in frac_reward_zero_std"""
+    dual_clip: Optional[float] = None
+    """dual-clip PPO: cap the loss of a token with A < 0 at -c A, binds where rho > c, both stages (None: off)"""
     head_steps: Optional[int] = None
     """N1: rollout batches per head round, where only the rollout head trains (preset)"""
     policy_steps: Optional[int] = None
@@ -234,18 +236,28 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_loss(logps, old_logps, advantages, mask, *, eps_low, eps_high, beta, ref_logps, agg, n_seqs, n_tokens,
-              max_new_tokens, is_weights=None):
-    """Clipped surrogate with k3 KL. logps/old_logps/ref_logps/mask/is_weights (b, T); advantages (b,).
+              max_new_tokens, is_weights=None, dual_clip=None):
+    """Clipped surrogate with k3 KL. logps/old_logps/ref_logps/mask/is_weights (b, T); advantages (b,), one per
+    sequence, or (b, T), one per token.
 
+    dual_clip: c > 1 caps the loss of a token with A < 0 at -c A (dual-clip PPO, arXiv 1912.09729, as verl and
+    EasyR1); it binds only where rho > c, i.e. with more than one update per rollout batch. None: off (TRL).
     is_weights: truncated importance weights min(pi_old / pi_sampler, cap) against the rollout engine, or None.
 
     Returns (loss, stats) where stats holds sums over masked tokens for the clip-ratio and KL logs.
     """
-    ratio = torch.exp(logps - old_logps)  # (b, T)
-    adv = advantages.unsqueeze(1)  # (b, 1)
-    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
-    per_token = -surrogate if is_weights is None else -surrogate * is_weights
+    ratio = torch.exp(torch.clamp(logps - old_logps, -20.0, 20.0))  # (b, T); verl/EasyR1 clamp: no inf, no NaN grad
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (b, 1) or (b, T)
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     stats = {}
+    if dual_clip is not None:
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        dual = (adv < 0) & (per_token > -dual_clip * adv)  # the cap binds (EasyR1's pg_clipfrac_lower)
+        per_token = torch.where(dual, -dual_clip * adv, per_token)
+        stats["clip_ratio/dual_mean"] = (dual.float() * mask).sum()
+    if is_weights is not None:
+        per_token = per_token * is_weights
     if beta > 0:
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl
@@ -302,13 +314,18 @@ def head_advantages(rewards: torch.Tensor, group_size: int, kind: str, eps: floa
     inverse-frequency (official `reward_rarity`): a_i = 1 / #{j in the group: r_j = r_i}, the rare outcome scores
     high; `reward` (the paper's ablation): a_i = r_i. Then z-scored in the group (unbiased std + eps, official 1e-6).
     A group whose a_i are all equal gets 0 and is skipped: equal rewards, but also reward values that are all equally
-    frequent (4/4, 2/2/2/2) although the rewards differ (official). Returns (advantages (B*G,), the mean over groups
-    of the std of a_i, logged as r2po/head_adv_std).
+    frequent (4/4, 2/2/2/2, 6/6) although the rewards differ (official). Equality is decided exactly, on the integer
+    counts (on the rewards for `reward`), never on a float std. Returns (advantages (B*G,), the mean over groups of the
+    std of a_i, 0 for a skipped group, logged as r2po/head_adv_std).
     """
     r = rewards.view(-1, group_size)  # (B, G)
-    scores = 1.0 / (r.unsqueeze(2) == r.unsqueeze(1)).sum(2) if kind == "inverse-frequency" else r  # (B, G)
-    std = scores.std(dim=1, keepdim=True)  # (B, 1)
-    adv = torch.where(std > 0, (scores - scores.mean(dim=1, keepdim=True)) / (std + eps), torch.zeros_like(scores))
+    counts = (r.unsqueeze(2) == r.unsqueeze(1)).sum(2)  # (B, G) integer: #{j: r_j = r_i}
+    scores = 1.0 / counts if kind == "inverse-frequency" else r  # (B, G)
+    # skip decided exactly, on the counts or the rewards: the float std of equal scores (1/6 or 1/3, G = 12) is ~3e-8
+    equal = (counts == counts[:, :1]) if kind == "inverse-frequency" else (r == r[:, :1])  # (B, G)
+    signal = ~equal.all(dim=1, keepdim=True)  # (B, 1)
+    std = torch.where(signal, scores.std(dim=1, keepdim=True), 0.0)  # (B, 1)
+    adv = torch.where(signal, (scores - scores.mean(dim=1, keepdim=True)) / (std + eps), 0.0)
     return adv.view(-1), float(std.mean())
 
 
@@ -647,7 +664,8 @@ if __name__ == "__main__":
                                                 completion_mask[mb, : L - 1], eps_low=args.eps_low,
                                                 eps_high=args.eps_high, beta=args.beta,
                                                 ref_logps=ref_logps[mb, : L - 1], agg=args.agg, n_seqs=len(b_idx),
-                                                n_tokens=n_tokens, max_new_tokens=args.max_new_tokens)
+                                                n_tokens=n_tokens, max_new_tokens=args.max_new_tokens,
+                                                dual_clip=args.dual_clip)
                         loss.backward()
                         for k, v in {"loss": loss.detach(), **stats}.items():
                             head_sum[k] = head_sum.get(k, 0.0) + float(v)
@@ -686,7 +704,7 @@ if __name__ == "__main__":
                                             eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
                                             ref_logps=ref_logps[mb, : L - 1], agg=args.agg, n_seqs=n_seqs,
                                             n_tokens=n_tokens, max_new_tokens=args.max_new_tokens,
-                                            is_weights=is_weights)
+                                            is_weights=is_weights, dual_clip=args.dual_clip)
                     # TRY NOT TO MODIFY: backward, statistics
                     loss.backward()
                     for k, v in {"loss": loss.detach(), **stats}.items():
@@ -724,7 +742,7 @@ if __name__ == "__main__":
             diff = (old_logps - sampling_logps).abs() * seen
             metrics["sampling/sampling_logp_difference/mean"] = float(diff.sum()) / max(float(seen.sum()), 1.0)
             metrics["sampling/sampling_logp_difference/max"] = float(diff.max())
-        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl"):
+        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual_mean", "kl"):
             if k in stats_sum:
                 metrics[k] = stats_sum[k] / n_tok
         if args.eval_every and eval_set and (global_step % args.eval_every == 0 or global_step == args.total_steps):

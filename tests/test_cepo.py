@@ -11,9 +11,9 @@ import torch
 from test_grpo_run import TINY, read_metrics, run  # tests/ is on sys.path: pytest's rootdir-less import mode
 
 import cepo
-from cepo import (build_batch, cepo_advantages, cepo_lambda, cepo_loss, evidence_delta, get_logps, teacher_logps,
+import grpo
+from cepo import (build_batch, cepo_advantages, cepo_lambda, evidence_delta, get_logps, grpo_loss, teacher_logps,
                   wrong_answers)
-from grpo import grpo_loss
 
 TEMPERATURE = 0.7
 # TINY with 8 groups of 8: enough groups mix right and wrong rollouts for the teachers to run (last flag wins)
@@ -177,6 +177,35 @@ def test_token_weights_and_modulated_advantage_by_hand():
     assert torch.allclose(ahat, want)
 
 
+def test_token_advantages_take_the_sign_of_each_rows_masked_sum():
+    """The official `apply_cepo_weighting` takes (B, T) advantages: s_i = sign(sum_t A_it m_it), w_t = exp(s_i Delta_t),
+    Ahat_t = A_it [(1 - lam) + lam clip(w_t)] m_it. The rows are chosen so that the first token's sign, each token's
+    own sign and the sign of the sum over padding too each differ from the masked sum's somewhere."""
+    e = math.exp
+    adv = torch.tensor([[1.0, -0.5, -0.2, -10.0, -10.0],  # masked sum +0.3; with the padding -19.7; token 1 < 0
+                        [-0.3, 0.5, 0.4, 0.0, 0.0],  # masked sum +0.6; first token < 0
+                        [1.0, -1.0, 5.0, 0.0, 0.0],  # masked sum 0: s = 0, w = 1 (with the padding +5)
+                        [0.2, -0.7, 0.0, 0.0, 0.0]])  # masked sum -0.5; first token > 0
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]])
+    delta = torch.full((4, 5), 0.1)
+    ahat, w = cepo_advantages(adv, delta, lam=0.5, eps_w=0.2, mask=mask)
+    up, down = 0.5 + 0.5 * e(0.1), 0.5 + 0.5 * e(-0.1)  # the factor for s = +1 and s = -1 (w inside the clip)
+    want = torch.tensor([[1.0 * up, -0.5 * up, -0.2 * up, 0.0, 0.0],
+                         [-0.3 * up, 0.5 * up, 0.4 * up, 0.0, 0.0],
+                         [1.0, -1.0, 0.0, 0.0, 0.0],
+                         [0.2 * down, -0.7 * down, 0.0, 0.0, 0.0]])  # 0 on padding, as the official code
+    torch.testing.assert_close(ahat, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(w, torch.tensor([[e(0.1)] * 5, [e(0.1)] * 5, [1.0] * 5, [e(-0.1)] * 5]))
+    # (B,) advantages (GRPO's, cepo.py's call) give what the official function gives on their (B, T) copy
+    rows = torch.tensor([1.5, -0.5, 0.0, -2.0])
+    delta = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    for lam in (0.3, 1.0):
+        got, got_w = cepo_advantages(rows, delta, lam, 0.2, mask=mask)
+        want, want_w = cepo_advantages(rows.unsqueeze(1) * mask, delta, lam, 0.2, mask=mask)
+        assert torch.equal(got, want) and torch.equal(got_w, want_w)
+        assert torch.equal(got == 0, (rows.unsqueeze(1) * mask) == 0)
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.02, 0.5, 1.0])
 @pytest.mark.parametrize("eps_w", [0.2, 0.5, 0.9])
 def test_advantage_sign_never_flips(lam, eps_w):
@@ -202,15 +231,18 @@ def test_lambda_schedule():
     assert cepo_lambda(1000, 0.5, 25) == 0.0
 
 
+MASK = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+
+
 def _losses(ahat, adv, agg):
     torch.manual_seed(1)
     logps = (-torch.rand(3, 5)).requires_grad_()
     old = logps.detach() + 0.3 * torch.randn(3, 5)  # ratios on both sides of the clip
-    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    mask = MASK
     kw = dict(eps_low=0.2, eps_high=0.28, beta=0.0, ref_logps=torch.zeros(3, 5), agg=agg, n_seqs=3, n_tokens=9,
               max_new_tokens=5)
-    c, c_stats = cepo_loss(logps, old, ahat, mask, **kw)
-    g, g_stats = grpo_loss(logps, old, adv, mask, **kw)
+    c, c_stats = grpo_loss(logps, old, ahat, mask, **kw)  # cepo.py's call: one advantage per token
+    g, g_stats = grpo.grpo_loss(logps, old, adv, mask, **kw)  # grpo.py's: one per sequence
     (c_grad,) = torch.autograd.grad(c, logps)
     (g_grad,) = torch.autograd.grad(g, logps)
     return (c, c_stats, c_grad), (g, g_stats, g_grad)
@@ -220,15 +252,16 @@ def _losses(ahat, adv, agg):
 def test_lambda_zero_is_grpo_loss(agg):
     adv = torch.tensor([1.5, -0.5, -0.5])
     delta = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)) * 2
-    ahat, _ = cepo_advantages(adv, delta, lam=0.0, eps_w=0.2)
+    ahat, _ = cepo_advantages(adv, delta, lam=0.0, eps_w=0.2, mask=MASK)  # as cepo.py calls it: 0 on padding
     (c, c_stats, c_grad), (g, g_stats, g_grad) = _losses(ahat, adv, agg)
     assert c.item() == g.item() and torch.equal(c_grad, g_grad)
     assert {k: float(v) for k, v in c_stats.items()} == {k: float(v) for k, v in g_stats.items()}
-    ahat, _ = cepo_advantages(adv, delta, lam=0.5, eps_w=0.2)  # the teachers do change the loss when lambda > 0
+    ahat, _ = cepo_advantages(adv, delta, lam=0.5, eps_w=0.2, mask=MASK)  # the teachers do change the loss when lambda > 0
     (c, _, c_grad), (g, _, g_grad) = _losses(ahat, adv, agg)
     assert c.item() != pytest.approx(g.item()) and not torch.allclose(c_grad, g_grad)
 
 
+@pytest.mark.slow
 def test_cepo_embedded_end_to_end(tmp_path):
     p = run("cepo.py", "--total-steps", "2", *MIXED, "--output-dir", str(tmp_path), "--no-vllm")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -241,21 +274,25 @@ def test_cepo_embedded_end_to_end(tmp_path):
     assert taught, "no step had a group with both right and wrong rollouts"
     for r in taught:
         assert 0 <= r["cepo/w_clip_frac"] <= 1 and 0 <= r["cepo/frac_fallback"] <= 1 and r["cepo/delta_mean"] != 0
+        assert r["clip_ratio/dual_mean"] == 0  # the dual clip is on by default; one update: rho = 1, it never binds
     assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[2] and "entropy" in rows[1]
     assert (run_dir / "final" / "config.json").exists() and any((run_dir / "final").glob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_cepo_after_lambda_reaches_zero_is_grpo(tmp_path):
-    """With lambda 0 from the start, cepo.py trains exactly as grpo.py with cepo's loss settings."""
-    common = ["--total-steps", "1", *MIXED, "--eval-every", "0", "--no-vllm", "--seed", "3"]
+    """With lambda 0 from the start, cepo.py trains exactly as grpo.py with cepo's loss settings, dual clip included.
+    Two mini-batches, so the second update has rho != 1 and the loss reads per-token advantages and old log-probs."""
+    common = ["--total-steps", "1", *MIXED, "--eval-every", "0", "--no-vllm", "--seed", "3", "--num-minibatches", "2"]
     a = run("cepo.py", *common, "--lambda-init", "0", "--output-dir", str(tmp_path / "cepo"))
-    b = run("grpo.py", *common, "--agg", "token-mean", "--eps-high", "0.28", "--adv-eps", "1e-6",
+    b = run("grpo.py", *common, "--agg", "token-mean", "--eps-high", "0.28", "--adv-eps", "1e-6", "--dual-clip", "3",
             "--output-dir", str(tmp_path / "grpo"))
     assert a.returncode == 0 and b.returncode == 0, (a.stderr + b.stderr)[-3000:]
     (ca,), (gb,) = (tmp_path / "cepo").iterdir(), (tmp_path / "grpo").iterdir()
     ra, rb = read_metrics(ca), read_metrics(gb)
     for x, y in zip(ra, rb):
         assert "cepo/delta_mean" not in x and x.get("cepo/lambda", 0.0) == 0.0
-        for k in ("reward", "loss", "grad_norm", "entropy", "clip_ratio/region_mean"):
+        for k in ("reward", "loss", "grad_norm", "entropy", "clip_ratio/region_mean", "clip_ratio/dual_mean"):
             assert (k in x) == (k in y) and x.get(k) == y.get(k), k
     assert any(x["grad_norm"] > 0 for x in ra)  # something was trained, so the equality above compares real updates
+    assert "clip_ratio/dual_mean" in ra[-1]  # cepo.py's default dual clip reached the loss and the log

@@ -141,10 +141,63 @@ def test_head_advantages_by_hand():
                                rtol=0, atol=1e-5)
 
 
+def equal_frequency_groups(group_size: int) -> list[list[float]]:
+    """Every way to split a group into k >= 2 reward values of G / k rollouts each, values not 0/1 (graded rewards),
+    in a shuffled order: 2 x 2 and 4 x 1 for G = 4, ..., 2 x 6, 3 x 4, 4 x 3, 6 x 2, 12 x 1 for G = 12."""
+    values = [0.0, 1.0, 0.5, -1.0, 2.25, 0.1, 0.3, 1.25, -0.5, 0.7, 3.0, 0.2]
+    g = torch.Generator().manual_seed(group_size)
+    groups = []
+    for k in [k for k in range(2, group_size + 1) if group_size % k == 0]:
+        rewards = torch.tensor(values[:k]).repeat_interleave(group_size // k)
+        groups.append(rewards[torch.randperm(group_size, generator=g)].tolist())
+    return groups
+
+
+@pytest.mark.parametrize("group_size", [4, 6, 8, 12])
+def test_equally_frequent_reward_values_are_skipped_exactly(group_size):
+    """The skip rule is decided on the integer counts: a group whose reward values are all equally frequent gets
+    exactly 0 (and a logged std of 0), whatever the float error of z-scoring 1/count (1/6 and 1/3 at G = 12 leave a
+    std of ~3e-8, which a float test takes for a signal). The same for equal graded rewards under `reward`."""
+    groups = equal_frequency_groups(group_size)
+    # each group alone and all in one batch: torch's std rounds differently for one row and for several
+    for rewards in [*groups, sum(groups, [])]:
+        adv, mean_std = head_advantages(torch.tensor(rewards), group_size, "inverse-frequency")
+        assert torch.count_nonzero(adv) == 0 and mean_std == 0, rewards
+    for value in (0.3, 0.7, 1 / 3, 0.1):  # all-equal graded rewards: std of G equal floats need not be 0
+        adv, mean_std = head_advantages(torch.full((group_size,), value), group_size, "reward")
+        assert torch.count_nonzero(adv) == 0 and mean_std == 0
+
+
+@pytest.mark.parametrize("rewards", [
+    [1.0, 1, 1, 0],  # G = 4, counts 3/1
+    [0.0, 1, 0.5, 0.5],  # G = 4, counts 1/1/2
+    [0.0, 0, 0, 1, 1, 2],  # G = 6, counts 3/2/1
+    [1.0, 1, 1, 1, 0, 0, 0.5, 0.5],  # G = 8, counts 4/2/2: some counts equal, not all
+    [0.0] * 6 + [1.0] * 4 + [0.5] * 2,  # G = 12, counts 6/4/2
+    [0.0] * 5 + [1.0] * 7,  # G = 12, counts 5/7
+])
+def test_groups_with_unequal_counts_are_not_skipped(rewards):
+    """a_i = 1/count, z-scored with the unbiased std + 1e-6, worked out in float64 from the counts."""
+    r = torch.tensor(rewards)
+    adv, mean_std = head_advantages(r, len(rewards), "inverse-frequency")
+    a = torch.tensor([1 / rewards.count(x) for x in rewards], dtype=torch.float64)
+    torch.testing.assert_close(adv.double(), (a - a.mean()) / (a.std() + 1e-6), rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(adv) == len(rewards) - int(((a - a.mean()).abs() < 1e-12).sum())
+    assert mean_std == pytest.approx(float(a.std()), rel=1e-6)
+    # next to a skipped group the two stay independent
+    skipped = [0.0, 1.0] * (len(rewards) // 2) if len(rewards) % 2 == 0 else None
+    if skipped is not None:
+        both, both_std = head_advantages(torch.tensor(rewards + skipped), len(rewards), "inverse-frequency")
+        torch.testing.assert_close(both[: len(rewards)], adv)  # (batched reductions may round differently)
+        assert torch.count_nonzero(both[len(rewards) :]) == 0
+        assert both_std == pytest.approx(float(a.std()) / 2, rel=1e-6)
+
+
 def load_checkpoint_state(run_dir, step):
     return torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "state.pt", weights_only=False)
 
 
+@pytest.mark.slow
 def test_r2po_embedded_end_to_end(tmp_path):
     # one head round, then one policy step; 8 rollouts a prompt so that groups with unequal counts occur
     p = run("r2po.py", "--total-steps", "2", *TINY, "--group-size", "8", "--head-steps", "1", "--policy-steps", "1",
