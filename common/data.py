@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = ROOT / "tiny" / "model"
 EMBEDDED_TRAIN = ROOT / "tiny" / "data" / "train.jsonl"
@@ -203,3 +205,29 @@ def encode_prompts(tokenizer, questions: list[str], instruction: str) -> list[li
         contents = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
                                                   add_generation_prompt=True) for c in contents]
     return tokenizer(contents, add_special_tokens=False)["input_ids"]  # one batched call: fast tokenizers parallelise
+
+
+def load_datasets(args, tokenizer) -> tuple[list[Example], list[Example], int]:
+    """The run's train and eval examples from its flags (--dataset and its field flags, --instruction,
+    --max-prompt-len, --eval-every, --eval-limit), and the number of train prompts skipped as too long; prints what
+    was read. No eval set: --eval-every 0, or a local --dataset without --eval-dataset."""
+    train_src, eval_src = resolve_dataset(args.dataset, args.prompt_field, args.answer_field, args.answer_format,
+                                          args.eval_dataset)
+    train_set, skipped = load_examples(train_src, tokenizer, args.instruction, args.max_prompt_len, "train")
+    eval_set = []
+    if eval_src is not None and args.eval_every:
+        eval_set, _ = load_examples(eval_src, tokenizer, args.instruction, args.max_prompt_len, "eval")
+        eval_set = eval_set[: args.eval_limit]
+    print(f"data: {len(train_set)} train prompts ({skipped} skipped as longer than {args.max_prompt_len} tokens), "
+          f"{len(eval_set)} eval prompts")
+    return train_set, eval_set, skipped
+
+
+def step_prompts(examples: list[Example], seed: int, step: int, prompts_per_step: int) -> list[Example]:
+    """The prompts of rollout step `step` (1-based): epoch e walks a permutation seeded by (seed, e), so a resumed
+    run needs nothing but the step to continue the data order."""
+    batch = []
+    for pos in range((step - 1) * prompts_per_step, step * prompts_per_step):
+        epoch, i = divmod(pos, len(examples))
+        batch.append(examples[np.random.default_rng([seed, epoch]).permutation(len(examples))[i]])
+    return batch

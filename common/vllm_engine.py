@@ -33,9 +33,10 @@ class RolloutBatch:
     """Completions of a batch of prompts, grouped by prompt: prompt 0's n completions come first."""
 
     completion_ids: list[list[int]]  # len(prompts) * n; ends with the stop token when finished
-    logprobs: list[list[float]]  # the sampler's log-prob of each completion token (see generate)
+    logprobs: list[list[float]] | None  # the sampler's log-prob of each completion token (see generate); HF: None
     finished: list[bool]  # True: ended with an eos/stop token; False: cut at max_tokens
     seconds: float  # wall time of the generation
+    sync_seconds: float = 0.0  # wall time of the weight load before it (`rollout`)
 
 
 # Every weight push warns "RotaryEmbedding: Failed to load weights": its cos/sin cache is computed,
@@ -119,6 +120,7 @@ class VLLMEngine:
         self.dtype = dtype
         self.sleep_mode = self.on_cuda if enable_sleep_mode is None else enable_sleep_mode
         self.asleep = False
+        self.version = None  # what `rollout` last loaded (e.g. the trainer's step)
         self.stop_token_ids = list(dict.fromkeys(_eos_token_ids(model_dir) + list(stop_token_ids)))
         if not self.stop_token_ids:
             raise ValueError(f"{model_dir} has no eos_token_id: pass stop_token_ids, or completions never end")
@@ -212,6 +214,18 @@ class VLLMEngine:
             finished=[c.finish_reason == "stop" for c in completions],
             seconds=seconds,
         )
+
+    def rollout(self, model: torch.nn.Module, version, prompt_ids: Sequence[Sequence[int]], **sampling) -> RolloutBatch:
+        """One rollout phase: wake up, load `model`'s weights unless `version` (e.g. the trainer's step) is the one
+        loaded last, `generate(prompt_ids, **sampling)`, sleep. The batch's `sync_seconds` is the load's time."""
+        self.wake_up()
+        sync = 0.0
+        if version is None or version != self.version:
+            sync, self.version = self.push_weights(model), version
+        batch = self.generate(prompt_ids, **sampling)
+        self.sleep()
+        batch.sync_seconds = sync
+        return batch
 
     def sleep(self) -> None:
         """CUDA sleep mode level 1: weights to CPU memory, KV cache dropped. A no-op without sleep mode."""

@@ -10,7 +10,7 @@ its tokenizer, the math-verify reward workers, the optimizers, checkpoints and t
 - the SAMPLER. A test of the loop's direction needs a batch it chose: groups whose rewards, and so whose advantages,
   are known, completions that differ in known tokens. A sampler cannot be told which completions to produce. So
   - HF path (`--no-vllm`, added by `replay` when `engine` is None): `GenerationMixin.generate` is patched, so
-    `hf_generate` (and R2PO's `explorer_generate`, which calls it) gets back, for each prompt it was given, the
+    `common.hf_engine.HFEngine` (R2PO's explorer too) gets back, for each prompt it was given, the
     hand-built completion ids of that prompt, laid out as `model.generate` lays them out (the left-padded prompt,
     then the completion padded with pad_id);
   - engine path (`engine=dict(sampler_delta=[...])`): `common.vllm_engine.VLLMEngine` and `vllm_available` are
@@ -24,7 +24,7 @@ its tokenizer, the math-verify reward workers, the optimizers, checkpoints and t
   walks its training set in a permutation seeded by --seed.
 - nothing else. The SPY only watches: `sys.setprofile` records, for each call of a named function defined in the
   script (the function's code lives in the script file, whether module-level or nested in `__main__`), its
-  arguments at entry, its return value, and the caller's `mb` (the micro-batch's row indices, when the caller is the
+  arguments at entry, its return value, and the caller's `micro` (the micro-batch's row indices, when the caller is the
   loop), all cloned to CPU (tensors the loop later writes in place are copied at the time of the call). Objects
   that are not tensors, numbers, strings or containers of them are recorded as '<TypeName>'. The replay adds a
   mark at each sampling call (not a greedy one), which is where a rollout step begins. The records are written with
@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CALLER_LOCALS = ("mb",)  # read from the caller's frame at each spied call (the loop's micro-batch indices)
+CALLER_LOCALS = ("micro",)  # read from the caller's frame at each spied call (the loop's micro-batch rows)
 ROLLOUT_MARK = "<rollouts>"  # the record the replay adds at each sampling (not greedy) call: a rollout step begins
 RECORDS: list[dict] = []  # the subprocess's records: the spy's and the replay's marks, in order
 

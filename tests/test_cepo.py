@@ -75,8 +75,8 @@ def test_teacher_rows_lay_out_prompt_reference_response(tokenizer, model, batch,
     prompts, completions, golds, completion_mask = batch
     seen = []
 
-    def spy(prefixes, comps, pad_id, device, completion_values=None):
-        out = build_batch(prefixes, comps, pad_id, device, completion_values)
+    def spy(prefixes, comps, pad_id, device, sampler_logps=None):
+        out = build_batch(prefixes, comps, pad_id, device, sampler_logps)
         seen.append((out[0], out[2]))
         return out
 

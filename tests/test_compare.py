@@ -18,7 +18,7 @@ import tyro
 
 from benchmarks.compare import BUDGET, MARKERS, Args, find_run, saved_args, summarize, train, update_readme
 from common.checkpoint import save_checkpoint
-from grpo import PRESETS
+import grpo
 from test_grpo_run import ROOT, TINY, read_metrics, run
 from test_resume import env
 
@@ -97,7 +97,7 @@ def test_two_algorithms_end_to_end(compared):
     for algo, (start, final, tokens_per_s, wall) in cells.items():
         numbers = [float(start), float(final), float(tokens_per_s), float(wall.removesuffix(" s"))]
         assert all(math.isfinite(x) for x in numbers) and numbers[2] > 0 and numbers[3] > 0, (algo, numbers)
-    max_new_tokens = PRESETS["embedded"]["max_new_tokens"]  # not set by FLAGS: grpo.py's preset, given to both
+    max_new_tokens = grpo.Args.max_new_tokens  # not set by FLAGS: grpo.py's default, given to both
     assert f"2 steps x 4 prompts x 4 completions of at most {max_new_tokens} tokens" in md
     assert "on 8 held-out problems at step 0 and every 2 steps" in md and "HF generate" in md
     assert (f"--algos grpo conspo --seeds 1 --total-steps 2 --prompts-per-step 4 --group-size 4 --max-new-tokens "

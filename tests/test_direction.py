@@ -97,7 +97,7 @@ def grpo_advantages(rewards, eps):
 
 def loss_rows(calls):
     """The rows each loss call saw (the loop's micro-batch indices) and the advantages it was given."""
-    return [(c["caller"]["mb"], c["args"]["advantages"]) for c in calls]
+    return [(c["caller"]["micro"], c["args"]["advantages"]) for c in calls]
 
 
 def assert_direction(before, after, advantages, what):
@@ -118,11 +118,11 @@ def test_grpo_one_update_follows_the_advantages(tmp_path):
     (adv_call,) = result.calls("compute_advantages")
     assert torch.equal(adv_call["args"]["rewards"], batch.rewards)  # the verifier's rewards, row by row
     advantages = grpo_advantages(batch.rewards, 1e-4)
-    assert torch.allclose(adv_call["ret"], advantages, atol=1e-6)
+    assert torch.allclose(adv_call["ret"][0], advantages, atol=1e-6)
     loss_calls = result.calls("grpo_loss")
     fed = loss_rows(loss_calls)
     for mb, adv in fed:  # the loss gets each row's own advantage
-        assert torch.equal(adv, adv_call["ret"][mb])
+        assert torch.equal(adv, adv_call["ret"][0][mb])
     # the zero-advantage group contributed nothing: with beta = 0 its rows are not even forwarded (every other row
     # is, once), but it counts in the normalisers (no --drop-zero-std-groups)
     zero = advantages == 0
@@ -150,7 +150,7 @@ def test_tis_weights_are_pi_old_over_pi_sampler_and_zero_std_groups_drop(tmp_pat
     loss_calls = result.calls("grpo_loss")
     mixed = torch.tensor([q == ZOE for q in batch.questions])
     for call in loss_calls:
-        mb, args = call["caller"]["mb"], call["args"]
+        mb, args = call["caller"]["micro"], call["args"]
         mask = args["mask"].bool()
         # completion position of each masked token: 0, 1, 2, ... along each row
         position = (mask.long().cumsum(1) - 1)[mask]
@@ -199,9 +199,9 @@ def test_clipo_shapes_the_reward_with_its_bonus_and_the_policy_follows_the_shape
     assert torch.equal(plain_call["args"]["rewards"], batch.rewards)
     assert torch.allclose(shaped_call["args"]["rewards"], batch.rewards + bonus, atol=1e-6)
     shaped = grpo_advantages(batch.rewards + bonus, 1e-4)
-    assert torch.allclose(shaped_call["ret"], shaped, atol=1e-5)
+    assert torch.allclose(shaped_call["ret"][0], shaped, atol=1e-5)
     for mb, adv in loss_rows(result.calls("grpo_loss")):
-        assert torch.equal(adv, shaped_call["ret"][mb])
+        assert torch.equal(adv, shaped_call["ret"][0][mb])
     flipped = torch.sign(shaped) != torch.sign(grpo_advantages(batch.rewards, 1e-4))
     assert flipped.any(), "the batch no longer has an anchor whose shaped advantage changes sign"
     before, after = batch.seq_logps(model_from(EMBEDDED_MODEL)), batch.seq_logps(model_from(result.run_dir / "final"))
@@ -236,7 +236,7 @@ def test_conspo_one_update_raises_positive_scores_and_lowers_negative_ones(tmp_p
     assert (coefs[~mixed] == 0).all()
     assert ((coefs[mixed] > 0) == (batch.rewards[mixed] > 0)).all() and (coefs[mixed] != 0).all()
     for call in result.calls("conspo_loss"):
-        assert torch.equal(call["args"]["coefs"], coefs[call["caller"]["mb"]])
+        assert torch.equal(call["args"]["coefs"], coefs[call["caller"]["micro"]])
     after = batch.seq_logps(model_from(result.run_dir / "final")) / n_tokens
     assert_direction(before, after, coefs, "score")
 
@@ -339,9 +339,9 @@ def test_r2po_head_round_trains_the_explorer_toward_rare_outcomes_then_a_policy_
     (adv_call,) = result.calls("compute_advantages", step=2)
     assert torch.equal(adv_call["args"]["rewards"], batch.rewards)
     advantages = grpo_advantages(batch.rewards, 1e-4)
-    assert torch.allclose(adv_call["ret"], advantages, atol=1e-6)
+    assert torch.allclose(adv_call["ret"][0], advantages, atol=1e-6)
     for mb, adv in loss_rows(result.calls("grpo_loss", step=2)):
-        assert torch.equal(adv, adv_call["ret"][mb])
+        assert torch.equal(adv, adv_call["ret"][0][mb])
     assert all(torch.equal(v, state[0]["algo"]["rollout_head"][k]) for k, v in state[1]["algo"]["rollout_head"].items())
     before, after = batch.seq_logps(initial), batch.seq_logps(model_from(state[1]["model"]))
     assert_direction(before, after, advantages, "policy log-prob")

@@ -23,12 +23,13 @@ def _copies(name):
 def test_advantages_by_hand():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # two groups of 4
     # group 1: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5; group 2: all equal
-    adv = compute_advantages(rewards, 4, scale_rewards=True, eps=0.0)
+    adv, std = compute_advantages(rewards, 4, scale_rewards=True, eps=0.0)
     assert torch.allclose(adv[:4], torch.tensor([1.5, -0.5, -0.5, -0.5]))
-    adv = compute_advantages(rewards, 4, scale_rewards=True, eps=1e-4)
+    assert torch.allclose(std, torch.tensor([0.5, 0.0])) and torch.all(adv[4:] == 0)  # eps 0: 0, not 0/0
+    adv, _ = compute_advantages(rewards, 4, scale_rewards=True, eps=1e-4)
     assert torch.allclose(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / 0.5001)
     assert torch.all(adv[4:] == 0)  # an all-equal group: 0 / (0 + eps)
-    adv = compute_advantages(rewards, 4, scale_rewards=False, eps=1e-4)  # Dr. GRPO
+    adv, _ = compute_advantages(rewards, 4, scale_rewards=False, eps=1e-4)  # Dr. GRPO
     assert torch.allclose(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]))
 
 
@@ -316,11 +317,12 @@ DEVIATIONS = torch.tensor([-0.5, 0, 0.5, 0, 0.125, 0.125, 0.125, -0.375, 0, 0, 0
 @pytest.mark.parametrize("module", _copies("compute_advantages"))
 def test_advantages_partial_credit_many_groups(module):
     s6 = math.sqrt(6)
-    adv = module.compute_advantages(PARTIAL[:8], 4, scale_rewards=True, eps=0.0)  # the first two groups: std > 0
+    adv, std = module.compute_advantages(PARTIAL[:8], 4, scale_rewards=True, eps=0.0)  # the first two groups: std > 0
+    assert torch.allclose(std, torch.tensor([1 / s6, 0.25], **F64))
     assert torch.allclose(adv, torch.tensor([-s6 / 2, 0, s6 / 2, 0, 0.5, 0.5, 0.5, -1.5], **F64))
-    adv = module.compute_advantages(PARTIAL, 4, scale_rewards=True, eps=0.25)  # divided by std + 0.25
+    adv, std = module.compute_advantages(PARTIAL, 4, scale_rewards=True, eps=0.25)  # divided by std + 0.25
     assert torch.allclose(adv, DEVIATIONS / torch.tensor([1 / s6 + 0.25] * 4 + [0.5] * 4 + [0.25] * 4, **F64))
-    assert torch.all(adv[8:] == 0)  # the all-equal group: 0 / (0 + eps)
+    assert torch.all(adv[8:] == 0) and std[2] == 0  # the all-equal group: exactly 0
     for eps in (0.25, 100.0):  # Dr. GRPO: deviations only; eps is unused
-        adv = module.compute_advantages(PARTIAL, 4, scale_rewards=False, eps=eps)
+        adv, _ = module.compute_advantages(PARTIAL, 4, scale_rewards=False, eps=eps)
         assert adv.shape == (12,) and torch.allclose(adv, DEVIATIONS)

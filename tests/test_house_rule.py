@@ -23,7 +23,7 @@ def test_the_checker_catches_a_drift():
     base = (ROOT / "grpo.py").read_text()
     assert compare(base, base) == []
     drifted = base.replace("def build_batch(", "def build_batch_renamed(", 1)
-    assert compare(base, drifted) and "rollouts, batching" in compare(base, drifted)[0]
+    assert compare(base, drifted) and "the batch layout" in compare(base, drifted)[0]
     added = base.replace("def build_batch(", f"x = 1  {NEW}\ndef build_batch(", 1)
     assert compare(base, added) == []
     unmarked = base.replace("def build_batch(", "x = 1\ndef build_batch(", 1)

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from common.data import EMBEDDED_MODEL
 from common.vllm_engine import VLLMEngine, vllm_available
-from r2po import RolloutHead, explorer_generate, explorer_logps, get_logps, head_advantages, hf_generate
+from common.hf_engine import HFEngine
+from r2po import RolloutHead, explorer_logps, get_logps, head_advantages
 
 EOS, PAD = 5, 0
 PROMPTS = [[1, 10, 11, 12], [1, 20], [1, 30, 31, 32, 33, 34, 35]]
@@ -31,11 +32,9 @@ def tiny_qwen2() -> Qwen2ForCausalLM:
 def sample(model, head=None, seed=0, greedy=False, n=4, max_new_tokens=8):
     """Completions from the policy (head None) or the explorer, from the same random state."""
     torch.manual_seed(seed)
-    kwargs = dict(n=n, temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, eos_id=EOS, pad_id=PAD,
-                  greedy=greedy)
-    if head is None:
-        return hf_generate(model, PROMPTS, **kwargs)[0]
-    return explorer_generate(model, head, PROMPTS, **kwargs)[0]
+    engine = HFEngine(model, stop_token_ids=[EOS], pad_id=PAD, residual=head)  # r2po.py's explorer when head is set
+    return engine.generate(PROMPTS, n=n, temperature=0.0 if greedy else 1.0, top_p=1.0,
+                           max_tokens=max_new_tokens).completion_ids
 
 
 def batch_of(model):
@@ -245,5 +244,5 @@ def test_r2po_embedded_end_to_end(tmp_path):
         out = engine.generate(PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=6)
     finally:
         engine.close()
-    assert out.completion_ids == hf_generate(model.eval(), PROMPTS, n=1, temperature=1.0, top_p=1.0, max_new_tokens=6,
-                                             eos_id=model.config.eos_token_id, pad_id=0, greedy=True)[0]
+    hf = HFEngine(model.eval(), stop_token_ids=[model.config.eos_token_id], pad_id=0)
+    assert out.completion_ids == hf.generate(PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=6).completion_ids
