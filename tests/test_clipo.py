@@ -191,6 +191,7 @@ def weights(path):
 MANY = [*TINY, "--prompts-per-step", "16", "--group-size", "8", "--eval-every", "0", "--no-vllm"]
 
 
+@pytest.mark.slow
 def test_clipo_embedded_end_to_end(tmp_path):
     p = run("clipo.py", "--total-steps", "2", *TINY, "--output-dir", str(tmp_path), "--no-vllm")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -207,6 +208,7 @@ def test_clipo_embedded_end_to_end(tmp_path):
     assert any(not torch.equal(start[k], final[k]) for k in start)
 
 
+@pytest.mark.slow
 def test_head_warmup_leaves_the_policy_unchanged(tmp_path):
     p = run("clipo.py", *MANY, "--total-steps", "2", "--head-warmup-steps", "2", "--save-every", "2",
             "--output-dir", str(tmp_path))
@@ -222,6 +224,7 @@ def test_head_warmup_leaves_the_policy_unchanged(tmp_path):
     assert state["algo"]["contrastive_head_optimizer"]["state"]  # AdamW took at least one step
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     # a run cut after step 1 and resumed must match an uninterrupted one: the head and its AdamW come back from
     # the checkpoint and the positives of step 2 are drawn from (seed, step)

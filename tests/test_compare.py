@@ -60,6 +60,7 @@ def compared(tmp_path_factory):
     return tmp, interrupted, p
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(compared):
     tmp, interrupted, p = compared
     log = interrupted["log"]
@@ -78,6 +79,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(compared):
     assert after[0] == interrupted["metrics"][0]  # not restarted: a fresh run would have re-timed its evaluation
 
 
+@pytest.mark.slow
 def test_two_algorithms_end_to_end(compared):
     tmp, _, _ = compared
     with open(tmp / "out" / "compare.csv") as f:
@@ -104,6 +106,7 @@ def test_two_algorithms_end_to_end(compared):
             f"{max_new_tokens} --eval-every 2 --eval-limit 8 --no-vllm`") in md
 
 
+@pytest.mark.slow
 def test_finished_runs_are_skipped_and_a_new_budget_is_refused(compared, capsys):
     tmp, _, _ = compared  # in-process: nothing here starts a script (it would, were a run not skipped)
     metrics = {a: find_run(tmp / "runs", a, 1) / "metrics.jsonl" for a in ("grpo", "conspo")}

@@ -192,6 +192,7 @@ def test_micro_batched_gradient_equals_the_full_graph_on_a_real_model():
         assert torch.allclose(p.grad, g, rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.slow
 def test_conspo_end_to_end(tmp_path):
     # 16 prompts x 8: the tiny model's sampled accuracy starts low, and ConSPO trains only on mixed groups
     flags = [*TINY, "--prompts-per-step", "16", "--group-size", "8", "--no-vllm"]

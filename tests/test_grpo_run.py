@@ -26,6 +26,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_grpo_embedded_end_to_end(tmp_path):
     p = run("grpo.py", "--total-steps", "3", *TINY, "--output-dir", str(tmp_path), "--no-vllm")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -60,6 +61,7 @@ def test_missing_dataset_file(tmp_path):
     assert "does not exist" in err and "nope.jsonl" in err
 
 
+@pytest.mark.slow
 def test_missing_field_wrong_type_and_empty_dataset(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
@@ -90,6 +92,7 @@ def test_resume_dir_that_is_not_a_checkpoint(tmp_path):
     assert "is not a checkpoint" in err
 
 
+@pytest.mark.slow
 def test_long_prompts_are_skipped_and_counted(tmp_path):
     p = run("grpo.py", "--total-steps", "1", *TINY, "--max-prompt-len", "26", "--output-dir", str(tmp_path),
             "--eval-every", "0", "--no-vllm")

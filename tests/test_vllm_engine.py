@@ -94,6 +94,7 @@ def test_checkpoint_tensors(tied):
     assert all(t.dtype == torch.bfloat16 and not t.requires_grad for t in tensors.values())
 
 
+@pytest.mark.slow
 def test_logprobs_match_hf(setup):
     engine, model, _ = setup
     engine.push_weights(model)
@@ -105,6 +106,7 @@ def test_logprobs_match_hf(setup):
     assert max_logprob_error(model, batch, n=4) < 1e-4
 
 
+@pytest.mark.slow
 def test_push_follows_new_weights_and_restores(setup):
     engine, model, _ = setup
     engine.push_weights(model)
@@ -142,6 +144,7 @@ def test_push_follows_new_weights_and_restores(setup):
     assert torch.allclose(torch.tensor(sum(restored.logprobs, [])), torch.tensor(sum(before.logprobs, [])), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tied_head_must_be_sent(setup):
     # Why push_weights sends a tied model's lm_head.weight as well as embed_tokens: without it the
     # CPU backend keeps computing logits from lm_head's stale prepacked copy of the old weights.
@@ -161,6 +164,7 @@ def test_tied_head_must_be_sent(setup):
     engine.push_weights(model)
 
 
+@pytest.mark.slow
 def test_seeds(setup):
     engine, model, _ = setup
     engine.push_weights(model)
@@ -175,6 +179,7 @@ def test_seeds(setup):
     assert len(generate(engine, seed=5, n=1, max_tokens=2, prompts=long_prompts).completion_ids) == 50
 
 
+@pytest.mark.slow
 def test_eos_and_finished(setup):
     engine, model, tied = setup
     engine.push_weights(model)
