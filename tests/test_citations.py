@@ -89,10 +89,10 @@ def test_the_checker_finds_a_missing_file_and_a_missing_anchor(tmp_path, monkeyp
     good.write_text('"""See docs/a.md#the-objective-section-0 and docs/a.md."""\n')
     assert problems_of(good) == []
     bad = tmp_path / "bad.md"
-    bad.write_text("Spec: ALGORITHMS.md section 0; [x](docs/a.md#objective); [y](docs/b.md)\n")
+    bad.write_text("Spec: NOTES.md section 0; [x](docs/a.md#objective); [y](docs/b.md)\n")
     found = problems_of(bad)
     assert len(found) == 3, found
-    assert [any(key in f for f in found) for key in ("ALGORITHMS.md", "#objective", "docs/b.md")] == [True] * 3
+    assert [any(key in f for f in found) for key in ("NOTES.md", "#objective", "docs/b.md")] == [True] * 3
 
 
 @pytest.mark.parametrize("path", files(), ids=lambda p: str(p.relative_to(ROOT)))
