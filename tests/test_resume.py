@@ -7,7 +7,6 @@ trainer's weights are pushed into it before every rollout phase, its log-probs c
 runs the greedy evaluations. One uninterrupted run per script (a module-scoped fixture) serves both its
 default-path test and its resume test, so each script starts the engine twice (three times for grpo.py's SIGKILL).
 """
-import json
 import math
 import os
 import shutil
