@@ -13,9 +13,11 @@ How this file differs from grpo.py:
    (`cepo_advantages`);
 3. lambda decays linearly from 0.5 to 0 over 25 steps (`cepo_lambda`); from then on the teachers are skipped and
    the update is GRPO's;
-4. the loss is grpo.py's `grpo_loss` given the (b, T) Ahat_t; defaults of the official script: clip 0.2 / 0.28,
-   EasyR1's dual clip 3.0 (a token with Ahat < 0 loses at most -3 Ahat; binds only with more than one update per
-   rollout batch, grpo.py: off), token-mean, no KL, std eps 1e-6, lr 5e-6 for a real model.
+4. the loss is grpo.py's `grpo_loss` given the (b, T) Ahat_t, with grpo.py's defaults, so that cepo.py vs grpo.py
+   compares the token credit alone. The official script's settings, as a command line:
+   `python cepo.py --eps-high 0.28 --dual-clip 3 --agg token-mean --adv-eps 1e-6 --num-minibatches 2`, and
+   `--learning-rate 5e-6` with a real model (EasyR1's dual clip: a token with Ahat < 0 loses at most -3 Ahat; it binds
+   only with more than one update per rollout batch).
 
 Paper vs official code (default first, the other behind a flag):
 - no usable wrong answer (no rejected rollout in the group, or none with a \\boxed{} answer): the paper falls back
@@ -23,12 +25,12 @@ Paper vs official code (default first, the other behind a flag):
   rejected rollout, uses the literal answer " None" when it has no box, and r- = r+ (w = 1) when the group has no
   rejected rollout (--fallback official).
 - eps_w: 0.2 in the official script (default), 0.5 in the paper and its README (--eps-w 0.5).
-- lr for a real model: 5e-6 in the official CEPO script (default), 1e-6 for its GRPO and RLSD baselines
-  (--learning-rate 1e-6 compares at grpo.py's lr).
-- the surrogate: the README says "a standard PPO-clipped surrogate"; the official code adds the dual clip (default;
-  --dual-clip None for the plain one).
+- lr for a real model: 5e-6 in the official CEPO script, 1e-6 (grpo.py's, the default) for its GRPO and RLSD
+  baselines.
+- the surrogate: the README says "a standard PPO-clipped surrogate" (the default); the official code adds the dual
+  clip (--dual-clip 3).
 - updates per rollout batch: the official script takes 2 (32 prompts a rollout batch, 16 an update); the default
-  here is grpo.py's 1 (--num-minibatches 2 for the official schedule).
+  here is grpo.py's 1 (--num-minibatches 2).
 
 Real run (one GPU):  python cepo.py --model Qwen2.5-1.5B --dataset gsm8k --track
 Default (CPU, minutes): python cepo.py
@@ -101,8 +103,8 @@ class Args:
     """sampling temperature; log-probs are computed at the same temperature"""
     top_p: float = 1.0
     """nucleus sampling"""
-    vllm: bool = True
-    """generate with the colocated vLLM engine when vLLM is installed (--no-vllm: HF generate)"""
+    vllm: bool = torch.cuda.is_available()
+    """roll out with the colocated vLLM engine (default on CUDA); on CPU HF generate is faster for the tiny model"""
     vllm_gpu_memory_utilization: float = 0.3
     """the share of GPU memory vLLM may take (its weights and KV cache; it sleeps while the trainer steps)"""
     tis_cap: Optional[float] = None
@@ -130,19 +132,21 @@ class Args:
     logprob_backend: Literal["auto", "torch", "triton", "plain"] = "auto"
     """log-prob kernels: auto (Triton on CUDA, chunked torch on CPU), or plain log_softmax(...).gather"""
 
-    # ALGO LOGIC: CEPO's arguments (docs/algorithms.md#grpo and #cepo; defaults of the official script)
+    # ALGO LOGIC: GRPO's arguments (docs/algorithms.md#grpo), then CEPO's (#cepo; official values)
     scale_rewards: bool = True
     """divide advantages by the group std (Dr. GRPO: --no-scale-rewards)"""
-    adv_eps: float = 1e-6
-    """eps added to the group std (EasyR1, as the official code)"""
-    agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """loss aggregation: DeepSeekMath GRPO, DAPO token-mean (official CEPO), Dr. GRPO constant normaliser"""
+    adv_eps: float = 1e-4
+    """eps added to the group std (verl/EasyR1: 1e-6)"""
+    agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    """loss aggregation: DeepSeekMath GRPO, DAPO token-mean, Dr. GRPO constant normaliser (max_new_tokens)"""
     eps_low: float = 0.2
     """lower clip of the ratio"""
-    eps_high: float = 0.28
-    """upper clip of the ratio (official script 0.28; its config default is 0.3)"""
+    eps_high: float = 0.2
+    """upper clip of the ratio (DAPO clip-higher: 0.28)"""
     beta: float = 0.0
-    """k3 KL coefficient to a frozen copy of the initial policy (CEPO: 0, no reference model)"""
+    """k3 KL coefficient to a frozen copy of the initial policy (0: no reference model)"""
+    dual_clip: Optional[float] = None
+    """dual-clip PPO: cap the loss of a token with A < 0 at -c A, binds where rho > c (verl: 3.0; None: off, as TRL)"""
     drop_zero_std_groups: bool = False
     """drop groups whose rewards are all equal from the loss (they are always counted in frac_reward_zero_std)"""
     lambda_init: float = 0.5
@@ -151,9 +155,6 @@ class Args:
     """lambda decays linearly to 0 over this many steps; after them the teachers are skipped (plain GRPO)"""
     eps_w: float = 0.2
     """token weights are clipped to [1 - eps_w, 1 + eps_w] (official script 0.2; paper and README 0.5); keep < 1"""
-    dual_clip: Optional[float] = 3.0
-    """dual-clip PPO: the loss of a token with Ahat < 0 is capped at -c Ahat, binds where rho > c (official: EasyR1's
-    clip_ratio_dual 3.0; None: off, as grpo.py)"""
     fallback: Literal["rlsd", "official"] = "rlsd"
     """no usable wrong answer in a group: the paper's RLSD Delta against pi_old, or the official code's r- = r+
     and literal ' None' answer"""
@@ -173,6 +174,8 @@ class Args:
     """wall-clock bound of one reward check; a check past it scores 0 and its worker is restarted"""
     reward_workers: int = 1
     """math-verify worker processes; a batch's distinct answers are split between them (helps slow checks only)"""
+    verbose: bool = False
+    """show vLLM's and other libraries' INFO logs (default: the progress bar, warnings and the lines that matter)"""
 
     # computed at runtime
     run_name: str = ""
@@ -180,8 +183,8 @@ class Args:
 
 
 # ALGO LOGIC: a real model's settings: common/run.py's REAL_MODEL (gsm8k, 1k-token responses, micro-batches of 8,
-# gradient checkpointing, eval every 50 steps on the whole test set) and the official CEPO script's learning rate
-REAL_MODEL = {**REAL_MODEL, "learning_rate": 5e-6}
+# gradient checkpointing, eval every 50 steps on the whole test set) and the papers' learning rate
+REAL_MODEL = {**REAL_MODEL, "learning_rate": 1e-6}
 
 
 
@@ -222,16 +225,16 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(x) - x - 1
 
 
-def grpo_loss(logps, old_logps, advantages, mask, *, eps_low, eps_high, beta, ref_logps, agg, n_seqs, n_tokens,
-              max_new_tokens, is_weights=None, dual_clip=None):
-    """Clipped surrogate with k3 KL. logps/old_logps/ref_logps/mask/is_weights (b, T); advantages (b,), one per
-    sequence, or (b, T), one per token.
+def grpo_loss(logps, old_logps, advantages, *, eps_low, eps_high, beta=0.0, ref_logps=None, is_weights=None,
+              dual_clip=None):
+    """Per-token clipped surrogate with k3 KL; `aggregate` reduces it. logps/old_logps/ref_logps/is_weights (b, T);
+    advantages (b,), one per sequence, or (b, T), one per token.
 
     dual_clip: c > 1 caps the loss of a token with A < 0 at -c A (dual-clip PPO, arXiv 1912.09729, as verl and
     EasyR1); it binds only where rho > c, i.e. with more than one update per rollout batch. None: off (TRL).
     is_weights: truncated importance weights min(pi_old / pi_sampler, cap) against the rollout engine, or None.
 
-    Returns (loss, stats) where stats holds sums over masked tokens for the clip-ratio and KL logs.
+    Returns (per_token loss (b, T), stats): per-token 0/1 clip indicators and the KL, (b, T), for the logs.
     """
     ratio = torch.exp(torch.clamp(logps - old_logps, -20.0, 20.0))  # (b, T); verl/EasyR1 clamp: no inf, no NaN grad
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (b, 1) or (b, T)
@@ -242,20 +245,17 @@ def grpo_loss(logps, old_logps, advantages, mask, *, eps_low, eps_high, beta, re
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         dual = (adv < 0) & (per_token > -dual_clip * adv)  # the cap binds (EasyR1's pg_clipfrac_lower)
         per_token = torch.where(dual, -dual_clip * adv, per_token)
-        stats["clip_ratio/dual_mean"] = (dual.float() * mask).sum()
+        stats["clip_ratio/dual_mean"] = dual.float()
     if is_weights is not None:
         per_token = per_token * is_weights
     if beta > 0:
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl
-        stats["kl"] = (kl.detach() * mask).sum()
-    loss = aggregate(per_token, mask, agg, n_seqs, n_tokens, max_new_tokens)
+        stats["kl"] = kl.detach()
     with torch.no_grad():  # TRL's definitions: a token is clipped where the clip is active for its advantage's sign
-        low = ((ratio < 1 - eps_low) & (adv < 0)).float() * mask
-        high = ((ratio > 1 + eps_high) & (adv > 0)).float() * mask
-        stats.update({"clip_ratio/low_mean": low.sum(), "clip_ratio/high_mean": high.sum(),
-                      "clip_ratio/region_mean": (low + high).sum()})
-    return loss, stats
+        low, high = ((ratio < 1 - eps_low) & (adv < 0)).float(), ((ratio > 1 + eps_high) & (adv > 0)).float()
+        stats.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low + high})
+    return per_token, stats
 
 
 def cepo_lambda(step: int, lambda_init: float, decay_steps: int) -> float:
@@ -468,6 +468,8 @@ if __name__ == "__main__":
         # fallback needs pi_old before the update
         compute_old_logps = (num_updates > 1
                              or (args.fallback == "rlsd" and bool((teach & falls_back).any())))
+        # the update phase trains the policy: its log-probs, module, optimizer and learning-rate schedule
+        update_logps, update_module, update_optimizer, update_scheduler = get_logps, model, optimizer, scheduler
 
         # TRY NOT TO MODIFY: batch tensors, old and reference log-probs
         t0 = time.time()
@@ -482,7 +484,7 @@ if __name__ == "__main__":
                 micro = slice(s, s + micro_size)
                 L = int(b_attention_mask[micro].sum(1).max())
                 if compute_old_logps:
-                    b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = get_logps(
+                    b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = update_logps(
                         model, b_input_ids[micro, :L], b_attention_mask[micro, :L], args.temperature,
                         args.logprob_backend, with_entropy=True)
                     b_forwarded[micro] = True
@@ -511,19 +513,19 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: update phase: num_updates optimizer steps over mini-batches, each accumulated over
         # micro-batches of at most micro_batch_size sequences
-        stats_sum = {}
+        stats_sum = {"loss": 0.0}
         for epoch in range(args.update_epochs):
             for mb_inds in torch.randperm(N).chunk(args.num_minibatches):
                 mb_in_loss = mb_inds[in_loss[mb_inds]]  # what the loss's normalisers count
-                n_seqs, n_tokens = len(mb_in_loss), int(b_mask[mb_in_loss].sum())
+                n_seqs, n_tokens = len(mb_in_loss), max(int(b_mask[mb_in_loss].sum()), 1)
                 mb_trained = mb_inds[needs_grad[mb_inds]]  # what is forwarded and back-propagated
-                optimizer.zero_grad(set_to_none=True)
+                update_optimizer.zero_grad(set_to_none=True)
                 for micro in mb_trained.split(micro_size) if len(mb_trained) else []:
                     L = int(b_attention_mask[micro].sum(1).max())
                     micro_mask = b_mask[micro, : L - 1]
                     with autocast:
-                        logps, entropy = get_logps(model, b_input_ids[micro, :L], b_attention_mask[micro, :L],
-                                                   args.temperature, args.logprob_backend, with_entropy=True)
+                        logps, entropy = update_logps(model, b_input_ids[micro, :L], b_attention_mask[micro, :L],
+                                                      args.temperature, args.logprob_backend, with_entropy=True)
                     if not compute_old_logps:  # one update in all: pi_old is this forward, detached (rho == 1)
                         b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = logps.detach(), entropy.detach()
                         b_forwarded[micro] = True
@@ -532,31 +534,31 @@ if __name__ == "__main__":
                         is_weights = torch.exp(b_old_logps[micro, : L - 1] - b_sampler_logps[micro, : L - 1]).clamp(
                             max=args.tis_cap)
                     # ALGO LOGIC: the loss of a micro-batch (one advantage per token)
-                    loss, stats = grpo_loss(logps, b_old_logps[micro, : L - 1], b_advantages[micro, : L - 1],
-                                            micro_mask, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
-                                            ref_logps=b_ref_logps[micro, : L - 1], agg=args.agg, n_seqs=n_seqs,
-                                            n_tokens=n_tokens, max_new_tokens=args.max_new_tokens,
-                                            is_weights=is_weights, dual_clip=args.dual_clip)
+                    per_token, stats = grpo_loss(logps, b_old_logps[micro, : L - 1], b_advantages[micro, : L - 1],
+                                                 eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                                                 ref_logps=b_ref_logps[micro, : L - 1], is_weights=is_weights,
+                                                 dual_clip=args.dual_clip)
+                    loss = aggregate(per_token, micro_mask, args.agg, n_seqs, n_tokens, args.max_new_tokens)
                     # TRY NOT TO MODIFY: backward, statistics
                     loss.backward()
-                    for k, v in {"loss": loss.detach(), **stats}.items():
-                        stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    stats_sum["loss"] += float(loss) / num_updates
+                    for k, v in stats.items():  # per token of the mini-batch's loss, averaged over updates
+                        stats_sum[k] = stats_sum.get(k, 0.0) + float((v * micro_mask).sum()) / n_tokens / num_updates
+                grad_norm = torch.nn.utils.clip_grad_norm_(update_module.parameters(), args.max_grad_norm)
                 run.check_grad_norm(grad_norm, global_step)  # NaN/inf: stop before the step, name the last checkpoint
-                optimizer.step()
-                scheduler.step()
+                update_optimizer.step()
+                update_scheduler.step()
         metrics["time/train"] = time.time() - t0
 
-        # TRY NOT TO MODIFY: logging (token statistics are per token-update of the sequences in the loss)
+        # TRY NOT TO MODIFY: logging
         seen = b_mask * b_forwarded.to(device).unsqueeze(1)  # response tokens whose old log-probs are known
-        n_tok = max(float(b_mask[in_loss.to(device)].sum()), 1.0) * num_updates
-        metrics.update({
+        metrics.update({**stats_sum,
             "reward": rewards.mean(), "reward_std": group_std.mean(),
             "frac_reward_zero_std": (group_std == 0).float().mean(),
             "completions/mean_length": b_mask.sum(1).mean(),
             "completions/clipped_ratio": 1.0 - torch.tensor(rollout.finished, dtype=torch.float32).mean(),
-            "loss": stats_sum.get("loss", 0.0) / num_updates, "grad_norm": float(grad_norm),
-            "learning_rate": scheduler.get_last_lr()[0], "reward/timeouts": checker.stats["timeouts"],
+            "grad_norm": float(grad_norm),
+            "learning_rate": update_scheduler.get_last_lr()[0], "reward/timeouts": checker.stats["timeouts"],
             "reward/errors": checker.stats["errors"], "data/skipped_long_prompts": skipped,
         })
         if bool(seen.any()):  # the rollout policy's entropy over the response tokens forwarded
@@ -565,9 +567,6 @@ if __name__ == "__main__":
             diff = (b_old_logps - b_sampler_logps).abs() * seen
             metrics["sampling/sampling_logp_difference/mean"] = float(diff.sum()) / float(seen.sum())
             metrics["sampling/sampling_logp_difference/max"] = float(diff.max())
-        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual_mean", "kl"):
-            if k in stats_sum:
-                metrics[k] = stats_sum[k] / n_tok
         if args.eval_every and eval_set and (global_step % args.eval_every == 0 or global_step == args.total_steps):
             last_acc, metrics["time/eval"] = evaluate(engine, model, global_step, eval_set, tokenizer, checker,
                                                       args.max_new_tokens)

@@ -96,8 +96,8 @@ class Args:
     """sampling temperature; log-probs are computed at the same temperature"""
     top_p: float = 1.0
     """nucleus sampling"""
-    vllm: bool = True
-    """generate with the colocated vLLM engine when vLLM is installed (--no-vllm: HF generate)"""
+    vllm: bool = torch.cuda.is_available()
+    """roll out with the colocated vLLM engine (default on CUDA); on CPU HF generate is faster for the tiny model"""
     vllm_gpu_memory_utilization: float = 0.3
     """the share of GPU memory vLLM may take (its weights and KV cache; it sleeps while the trainer steps)"""
     tis_cap: Optional[float] = None
@@ -176,6 +176,8 @@ class Args:
     """wall-clock bound of one reward check; a check past it scores 0 and its worker is restarted"""
     reward_workers: int = 1
     """math-verify worker processes; a batch's distinct answers are split between them (helps slow checks only)"""
+    verbose: bool = False
+    """show vLLM's and other libraries' INFO logs (default: the progress bar, warnings and the lines that matter)"""
 
     # computed at runtime
     run_name: str = ""
@@ -225,16 +227,16 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(x) - x - 1
 
 
-def grpo_loss(logps, old_logps, advantages, mask, *, eps_low, eps_high, beta, ref_logps, agg, n_seqs, n_tokens,
-              max_new_tokens, is_weights=None, dual_clip=None):
-    """Clipped surrogate with k3 KL. logps/old_logps/ref_logps/mask/is_weights (b, T); advantages (b,), one per
-    sequence, or (b, T), one per token.
+def grpo_loss(logps, old_logps, advantages, *, eps_low, eps_high, beta=0.0, ref_logps=None, is_weights=None,
+              dual_clip=None):
+    """Per-token clipped surrogate with k3 KL; `aggregate` reduces it. logps/old_logps/ref_logps/is_weights (b, T);
+    advantages (b,), one per sequence, or (b, T), one per token.
 
     dual_clip: c > 1 caps the loss of a token with A < 0 at -c A (dual-clip PPO, arXiv 1912.09729, as verl and
     EasyR1); it binds only where rho > c, i.e. with more than one update per rollout batch. None: off (TRL).
     is_weights: truncated importance weights min(pi_old / pi_sampler, cap) against the rollout engine, or None.
 
-    Returns (loss, stats) where stats holds sums over masked tokens for the clip-ratio and KL logs.
+    Returns (per_token loss (b, T), stats): per-token 0/1 clip indicators and the KL, (b, T), for the logs.
     """
     ratio = torch.exp(torch.clamp(logps - old_logps, -20.0, 20.0))  # (b, T); verl/EasyR1 clamp: no inf, no NaN grad
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (b, 1) or (b, T)
@@ -245,20 +247,17 @@ def grpo_loss(logps, old_logps, advantages, mask, *, eps_low, eps_high, beta, re
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         dual = (adv < 0) & (per_token > -dual_clip * adv)  # the cap binds (EasyR1's pg_clipfrac_lower)
         per_token = torch.where(dual, -dual_clip * adv, per_token)
-        stats["clip_ratio/dual_mean"] = (dual.float() * mask).sum()
+        stats["clip_ratio/dual_mean"] = dual.float()
     if is_weights is not None:
         per_token = per_token * is_weights
     if beta > 0:
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl
-        stats["kl"] = (kl.detach() * mask).sum()
-    loss = aggregate(per_token, mask, agg, n_seqs, n_tokens, max_new_tokens)
+        stats["kl"] = kl.detach()
     with torch.no_grad():  # TRL's definitions: a token is clipped where the clip is active for its advantage's sign
-        low = ((ratio < 1 - eps_low) & (adv < 0)).float() * mask
-        high = ((ratio > 1 + eps_high) & (adv > 0)).float() * mask
-        stats.update({"clip_ratio/low_mean": low.sum(), "clip_ratio/high_mean": high.sum(),
-                      "clip_ratio/region_mean": (low + high).sum()})
-    return loss, stats
+        low, high = ((ratio < 1 - eps_low) & (adv < 0)).float(), ((ratio > 1 + eps_high) & (adv > 0)).float()
+        stats.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low + high})
+    return per_token, stats
 
 
 @torch.no_grad()
@@ -458,6 +457,8 @@ if __name__ == "__main__":
         needs_grad = in_loss & ((advantages != 0) | (args.beta > 0))
         # with one update in all, rho == 1: the old log-probs are the detached current ones, no extra forward
         compute_old_logps = num_updates > 1
+        # the update phase trains the policy: its log-probs, module, optimizer and learning-rate schedule
+        update_logps, update_module, update_optimizer, update_scheduler = get_logps, model, optimizer, scheduler
 
         # TRY NOT TO MODIFY: batch tensors, old and reference log-probs
         t0 = time.time()
@@ -472,7 +473,7 @@ if __name__ == "__main__":
                 micro = slice(s, s + micro_size)
                 L = int(b_attention_mask[micro].sum(1).max())
                 if compute_old_logps:
-                    b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = get_logps(
+                    b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = update_logps(
                         model, b_input_ids[micro, :L], b_attention_mask[micro, :L], args.temperature,
                         args.logprob_backend, with_entropy=True)
                     b_forwarded[micro] = True
@@ -503,19 +504,19 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: update phase: num_updates optimizer steps over mini-batches, each accumulated over
         # micro-batches of at most micro_batch_size sequences
-        stats_sum = {}
+        stats_sum = {"loss": 0.0}
         for epoch in range(args.update_epochs):
             for mb_inds in torch.randperm(N).chunk(args.num_minibatches):
                 mb_in_loss = mb_inds[in_loss[mb_inds]]  # what the loss's normalisers count
-                n_seqs, n_tokens = len(mb_in_loss), int(b_mask[mb_in_loss].sum())
+                n_seqs, n_tokens = len(mb_in_loss), max(int(b_mask[mb_in_loss].sum()), 1)
                 mb_trained = mb_inds[needs_grad[mb_inds]]  # what is forwarded and back-propagated
-                optimizer.zero_grad(set_to_none=True)
+                update_optimizer.zero_grad(set_to_none=True)
                 for micro in mb_trained.split(micro_size) if len(mb_trained) else []:
                     L = int(b_attention_mask[micro].sum(1).max())
                     micro_mask = b_mask[micro, : L - 1]
                     with autocast:
-                        logps, entropy = get_logps(model, b_input_ids[micro, :L], b_attention_mask[micro, :L],
-                                                   args.temperature, args.logprob_backend, with_entropy=True)
+                        logps, entropy = update_logps(model, b_input_ids[micro, :L], b_attention_mask[micro, :L],
+                                                      args.temperature, args.logprob_backend, with_entropy=True)
                     if not compute_old_logps:  # one update in all: pi_old is this forward, detached (rho == 1)
                         b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = logps.detach(), entropy.detach()
                         b_forwarded[micro] = True
@@ -524,31 +525,31 @@ if __name__ == "__main__":
                         is_weights = torch.exp(b_old_logps[micro, : L - 1] - b_sampler_logps[micro, : L - 1]).clamp(
                             max=args.tis_cap)
                     # ALGO LOGIC: the loss of a micro-batch
-                    loss, stats = grpo_loss(logps, b_old_logps[micro, : L - 1], b_advantages[micro], micro_mask,
-                                            eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
-                                            ref_logps=b_ref_logps[micro, : L - 1], agg=args.agg, n_seqs=n_seqs,
-                                            n_tokens=n_tokens, max_new_tokens=args.max_new_tokens,
-                                            is_weights=is_weights, dual_clip=args.dual_clip)
+                    per_token, stats = grpo_loss(logps, b_old_logps[micro, : L - 1], b_advantages[micro],
+                                                 eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                                                 ref_logps=b_ref_logps[micro, : L - 1], is_weights=is_weights,
+                                                 dual_clip=args.dual_clip)
+                    loss = aggregate(per_token, micro_mask, args.agg, n_seqs, n_tokens, args.max_new_tokens)
                     # TRY NOT TO MODIFY: backward, statistics
                     loss.backward()
-                    for k, v in {"loss": loss.detach(), **stats}.items():
-                        stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    stats_sum["loss"] += float(loss) / num_updates
+                    for k, v in stats.items():  # per token of the mini-batch's loss, averaged over updates
+                        stats_sum[k] = stats_sum.get(k, 0.0) + float((v * micro_mask).sum()) / n_tokens / num_updates
+                grad_norm = torch.nn.utils.clip_grad_norm_(update_module.parameters(), args.max_grad_norm)
                 run.check_grad_norm(grad_norm, global_step)  # NaN/inf: stop before the step, name the last checkpoint
-                optimizer.step()
-                scheduler.step()
+                update_optimizer.step()
+                update_scheduler.step()
         metrics["time/train"] = time.time() - t0
 
-        # TRY NOT TO MODIFY: logging (token statistics are per token-update of the sequences in the loss)
+        # TRY NOT TO MODIFY: logging
         seen = b_mask * b_forwarded.to(device).unsqueeze(1)  # response tokens whose old log-probs are known
-        n_tok = max(float(b_mask[in_loss.to(device)].sum()), 1.0) * num_updates
-        metrics.update({
+        metrics.update({**stats_sum,
             "reward": rewards.mean(), "reward_std": group_std.mean(),
             "frac_reward_zero_std": (group_std == 0).float().mean(),
             "completions/mean_length": b_mask.sum(1).mean(),
             "completions/clipped_ratio": 1.0 - torch.tensor(rollout.finished, dtype=torch.float32).mean(),
-            "loss": stats_sum.get("loss", 0.0) / num_updates, "grad_norm": float(grad_norm),
-            "learning_rate": scheduler.get_last_lr()[0], "reward/timeouts": checker.stats["timeouts"],
+            "grad_norm": float(grad_norm),
+            "learning_rate": update_scheduler.get_last_lr()[0], "reward/timeouts": checker.stats["timeouts"],
             "reward/errors": checker.stats["errors"], "data/skipped_long_prompts": skipped,
         })
         if bool(seen.any()):  # the rollout policy's entropy over the response tokens forwarded
@@ -557,9 +558,6 @@ if __name__ == "__main__":
             diff = (b_old_logps - b_sampler_logps).abs() * seen
             metrics["sampling/sampling_logp_difference/mean"] = float(diff.sum()) / float(seen.sum())
             metrics["sampling/sampling_logp_difference/max"] = float(diff.max())
-        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual_mean", "kl"):
-            if k in stats_sum:
-                metrics[k] = stats_sum[k] / n_tok
         if args.eval_every and eval_set and (global_step % args.eval_every == 0 or global_step == args.total_steps):
             last_acc, metrics["time/eval"] = evaluate(engine, model, global_step, eval_set, tokenizer, checker,
                                                       args.max_new_tokens)

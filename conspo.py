@@ -92,8 +92,8 @@ class Args:
     """sampling temperature; log-probs are computed at the same temperature"""
     top_p: float = 1.0
     """nucleus sampling"""
-    vllm: bool = True
-    """generate with the colocated vLLM engine when vLLM is installed (--no-vllm: HF generate)"""
+    vllm: bool = torch.cuda.is_available()
+    """roll out with the colocated vLLM engine (default on CUDA); on CPU HF generate is faster for the tiny model"""
     vllm_gpu_memory_utilization: float = 0.3
     """the share of GPU memory vLLM may take (its weights and KV cache; it sleeps while the trainer steps)"""
     tis_cap: Optional[float] = None
@@ -152,6 +152,8 @@ class Args:
     """wall-clock bound of one reward check; a check past it scores 0 and its worker is restarted"""
     reward_workers: int = 1
     """math-verify worker processes; a batch's distinct answers are split between them (helps slow checks only)"""
+    verbose: bool = False
+    """show vLLM's and other libraries' INFO logs (default: the progress bar, warnings and the lines that matter)"""
 
     # computed at runtime
     run_name: str = ""
@@ -339,6 +341,8 @@ if __name__ == "__main__":
         # a group's coefficients need all its scores before any backward: the no-grad pass computes every s_i, and
         # with one update it gives the current policy's log-probs exactly
         compute_old_logps = True
+        # the update phase trains the policy: its log-probs, module, optimizer and learning-rate schedule
+        update_logps, update_module, update_optimizer, update_scheduler = get_logps, model, optimizer, scheduler
         margin = margin_schedule((global_step - 1) / args.total_steps, args.max_margin, args.margin_alpha)  # m_t
 
         # TRY NOT TO MODIFY: batch tensors, old and reference log-probs
@@ -354,7 +358,7 @@ if __name__ == "__main__":
                 micro = slice(s, s + micro_size)
                 L = int(b_attention_mask[micro].sum(1).max())
                 if compute_old_logps:
-                    b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = get_logps(
+                    b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = update_logps(
                         model, b_input_ids[micro, :L], b_attention_mask[micro, :L], args.temperature,
                         args.logprob_backend, with_entropy=True)
                     b_forwarded[micro] = True
@@ -377,19 +381,19 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: update phase: num_updates optimizer steps over mini-batches, each accumulated over
         # micro-batches of at most micro_batch_size sequences
-        stats_sum = {}
+        stats_sum = {"loss": 0.0}
         for epoch in range(args.update_epochs):
             for mb_inds in torch.randperm(N).chunk(args.num_minibatches):
                 mb_in_loss = mb_inds[in_loss[mb_inds]]  # what the loss's normalisers count
-                n_seqs, n_tokens = len(mb_in_loss), int(b_mask[mb_in_loss].sum())
+                n_seqs, n_tokens = len(mb_in_loss), max(int(b_mask[mb_in_loss].sum()), 1)
                 mb_trained = mb_inds[needs_grad[mb_inds]]  # what is forwarded and back-propagated
-                optimizer.zero_grad(set_to_none=True)
+                update_optimizer.zero_grad(set_to_none=True)
                 for micro in mb_trained.split(micro_size) if len(mb_trained) else []:
                     L = int(b_attention_mask[micro].sum(1).max())
                     micro_mask = b_mask[micro, : L - 1]
                     with autocast:
-                        logps, entropy = get_logps(model, b_input_ids[micro, :L], b_attention_mask[micro, :L],
-                                                   args.temperature, args.logprob_backend, with_entropy=True)
+                        logps, entropy = update_logps(model, b_input_ids[micro, :L], b_attention_mask[micro, :L],
+                                                      args.temperature, args.logprob_backend, with_entropy=True)
                     if not compute_old_logps:  # one update in all: pi_old is this forward, detached (rho == 1)
                         b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = logps.detach(), entropy.detach()
                         b_forwarded[micro] = True
@@ -402,24 +406,24 @@ if __name__ == "__main__":
                                               terms[micro], n_groups), {}
                     # TRY NOT TO MODIFY: backward, statistics
                     loss.backward()
-                    for k, v in {"loss": loss.detach(), **stats}.items():
-                        stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    stats_sum["loss"] += float(loss) / num_updates
+                    for k, v in stats.items():  # per token of the mini-batch's loss, averaged over updates
+                        stats_sum[k] = stats_sum.get(k, 0.0) + float((v * micro_mask).sum()) / n_tokens / num_updates
+                grad_norm = torch.nn.utils.clip_grad_norm_(update_module.parameters(), args.max_grad_norm)
                 run.check_grad_norm(grad_norm, global_step)  # NaN/inf: stop before the step, name the last checkpoint
-                optimizer.step()
-                scheduler.step()
+                update_optimizer.step()
+                update_scheduler.step()
         metrics["time/train"] = time.time() - t0
 
-        # TRY NOT TO MODIFY: logging (token statistics are per token-update of the sequences in the loss)
+        # TRY NOT TO MODIFY: logging
         seen = b_mask * b_forwarded.to(device).unsqueeze(1)  # response tokens whose old log-probs are known
-        n_tok = max(float(b_mask[in_loss.to(device)].sum()), 1.0) * num_updates
-        metrics.update({
+        metrics.update({**stats_sum,
             "reward": rewards.mean(), "reward_std": group_std.mean(),
             "frac_reward_zero_std": (group_std == 0).float().mean(),
             "completions/mean_length": b_mask.sum(1).mean(),
             "completions/clipped_ratio": 1.0 - torch.tensor(rollout.finished, dtype=torch.float32).mean(),
-            "loss": stats_sum.get("loss", 0.0) / num_updates, "grad_norm": float(grad_norm),
-            "learning_rate": scheduler.get_last_lr()[0], "reward/timeouts": checker.stats["timeouts"],
+            "grad_norm": float(grad_norm),
+            "learning_rate": update_scheduler.get_last_lr()[0], "reward/timeouts": checker.stats["timeouts"],
             "reward/errors": checker.stats["errors"], "data/skipped_long_prompts": skipped,
         })
         if bool(seen.any()):  # the rollout policy's entropy over the response tokens forwarded
@@ -428,9 +432,6 @@ if __name__ == "__main__":
             diff = (b_old_logps - b_sampler_logps).abs() * seen
             metrics["sampling/sampling_logp_difference/mean"] = float(diff.sum()) / float(seen.sum())
             metrics["sampling/sampling_logp_difference/max"] = float(diff.max())
-        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual_mean", "kl"):
-            if k in stats_sum:
-                metrics[k] = stats_sum[k] / n_tok
         if args.eval_every and eval_set and (global_step % args.eval_every == 0 or global_step == args.total_steps):
             last_acc, metrics["time/eval"] = evaluate(engine, model, global_step, eval_set, tokenizer, checker,
                                                       args.max_new_tokens)

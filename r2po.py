@@ -15,13 +15,14 @@ How this file differs from grpo.py:
    round when (s - 1) mod (N1 + N2) < N1 (logged as `r2po/stage`: 0 head, 1 policy). One step is one rollout batch;
 4. a head round (stage 1) trains only phi: advantages are the group inverse frequency of each reward value,
    a_i = 1 / #{j: r_j = r_i}, z-scored in the group (`head_advantages`); groups whose a_i are all equal are
-   skipped, including those whose reward values all have the same count (4/4, 2/2/2/2). The loss is grpo_loss on
-   the explorer's log-probs (`explorer_logps`): rho = pi_{theta,phi} / pi_{theta,phi_old}, clip 0.2, plus beta k3
-   KL to the frozen initial policy. theta is frozen, so the decoder runs once per step, without grad;
+   skipped, including those whose reward values all have the same count (4/4, 2/2/2/2). The update is grpo.py's,
+   with the head, its optimizer and the explorer's log-probs in place of the policy's (`explorer_forward`; the
+   decoder runs without grad): rho = pi_{theta,phi} / pi_{theta,phi_old}, clip 0.2, plus beta k3 KL to the frozen
+   initial policy. In a head round `loss`, `grad_norm`, `clip_ratio/*`, `kl` and `entropy` are the head's;
 5. a policy step (stage 2) is grpo.py's update on the explorer's rollouts: ratios of the policy WITHOUT the head,
    pi_theta / pi_theta_old, with no correction for sampling from the explorer (as the official code);
-6. R2PO's official values replace two of grpo.py's defaults: `--beta 0.04` (both stages) and
-   `--drop-zero-std-groups` (the official code skips groups whose rewards are all equal).
+6. R2PO's objective has the KL term in both stages: `--beta` defaults to 0.04 (grpo.py: 0). The official code also
+   skips groups whose rewards are all equal in a policy step: `python r2po.py --drop-zero-std-groups`.
 
 Paper vs official code, and our choices (docs/r2po.md has the full list):
 - initialisation: the paper zero-initialises the residual (then W1 and W2 get no gradient and the head never
@@ -60,7 +61,7 @@ from common.run import REAL_MODEL, Run
 from common.vllm_engine import VLLMEngine, vllm_available
 
 # ALGO LOGIC: the algorithm's own imports
-from common.data import UserError
+from functools import partial  # binds the rollout head to explorer_forward
 
 
 # TRY NOT TO MODIFY: the run's flags
@@ -108,8 +109,8 @@ class Args:
     """sampling temperature; log-probs are computed at the same temperature"""
     top_p: float = 1.0
     """nucleus sampling"""
-    vllm: bool = True
-    """generate with the colocated vLLM engine when vLLM is installed (--no-vllm: HF generate)"""
+    vllm: bool = torch.cuda.is_available()
+    """roll out with the colocated vLLM engine (default on CUDA); on CPU HF generate is faster for the tiny model"""
     vllm_gpu_memory_utilization: float = 0.3
     """the share of GPU memory vLLM may take (its weights and KV cache; it sleeps while the trainer steps)"""
     tis_cap: Optional[float] = None
@@ -137,7 +138,7 @@ class Args:
     logprob_backend: Literal["auto", "torch", "triton", "plain"] = "auto"
     """log-prob kernels: auto (Triton on CUDA, chunked torch on CPU), or plain log_softmax(...).gather"""
 
-    # ALGO LOGIC: GRPO's arguments (docs/algorithms.md#grpo; R2PO's official beta and zero-std skip), then R2PO's
+    # ALGO LOGIC: GRPO's arguments (docs/algorithms.md#grpo; R2PO sets beta), then R2PO's (#r2po)
     scale_rewards: bool = True
     """divide advantages by the group std (Dr. GRPO: --no-scale-rewards)"""
     adv_eps: float = 1e-4
@@ -149,11 +150,12 @@ class Args:
     eps_high: float = 0.2
     """upper clip of the ratio (DAPO clip-higher: 0.28)"""
     beta: float = 0.04
-    """k3 KL coefficient to a frozen copy of the initial policy, in both stages (official 0.04; 0: no reference)"""
-    drop_zero_std_groups: bool = True
-    """drop groups whose rewards are all equal from the loss (official: skipped); counted in frac_reward_zero_std"""
+    """k3 KL coefficient to a frozen copy of the initial policy in both stages: R2PO's objective keeps the explorer
+    (and the policy) near the initial model, so it changes grpo.py's default (paper and official 0.04)"""
     dual_clip: Optional[float] = None
-    """dual-clip PPO: cap the loss of a token with A < 0 at -c A, binds where rho > c, both stages (None: off)"""
+    """dual-clip PPO: cap the loss of a token with A < 0 at -c A, binds where rho > c (verl: 3.0; None: off, as TRL)"""
+    drop_zero_std_groups: bool = False
+    """drop groups whose rewards are all equal from the loss (they are always counted in frac_reward_zero_std)"""
     head_steps: int = 2
     """N1: rollout batches per head round, where only the rollout head trains"""
     policy_steps: int = 4
@@ -182,6 +184,8 @@ class Args:
     """wall-clock bound of one reward check; a check past it scores 0 and its worker is restarted"""
     reward_workers: int = 1
     """math-verify worker processes; a batch's distinct answers are split between them (helps slow checks only)"""
+    verbose: bool = False
+    """show vLLM's and other libraries' INFO logs (default: the progress bar, warnings and the lines that matter)"""
 
     # computed at runtime
     run_name: str = ""
@@ -232,16 +236,16 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(x) - x - 1
 
 
-def grpo_loss(logps, old_logps, advantages, mask, *, eps_low, eps_high, beta, ref_logps, agg, n_seqs, n_tokens,
-              max_new_tokens, is_weights=None, dual_clip=None):
-    """Clipped surrogate with k3 KL. logps/old_logps/ref_logps/mask/is_weights (b, T); advantages (b,), one per
-    sequence, or (b, T), one per token.
+def grpo_loss(logps, old_logps, advantages, *, eps_low, eps_high, beta=0.0, ref_logps=None, is_weights=None,
+              dual_clip=None):
+    """Per-token clipped surrogate with k3 KL; `aggregate` reduces it. logps/old_logps/ref_logps/is_weights (b, T);
+    advantages (b,), one per sequence, or (b, T), one per token.
 
     dual_clip: c > 1 caps the loss of a token with A < 0 at -c A (dual-clip PPO, arXiv 1912.09729, as verl and
     EasyR1); it binds only where rho > c, i.e. with more than one update per rollout batch. None: off (TRL).
     is_weights: truncated importance weights min(pi_old / pi_sampler, cap) against the rollout engine, or None.
 
-    Returns (loss, stats) where stats holds sums over masked tokens for the clip-ratio and KL logs.
+    Returns (per_token loss (b, T), stats): per-token 0/1 clip indicators and the KL, (b, T), for the logs.
     """
     ratio = torch.exp(torch.clamp(logps - old_logps, -20.0, 20.0))  # (b, T); verl/EasyR1 clamp: no inf, no NaN grad
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (b, 1) or (b, T)
@@ -252,20 +256,17 @@ def grpo_loss(logps, old_logps, advantages, mask, *, eps_low, eps_high, beta, re
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         dual = (adv < 0) & (per_token > -dual_clip * adv)  # the cap binds (EasyR1's pg_clipfrac_lower)
         per_token = torch.where(dual, -dual_clip * adv, per_token)
-        stats["clip_ratio/dual_mean"] = (dual.float() * mask).sum()
+        stats["clip_ratio/dual_mean"] = dual.float()
     if is_weights is not None:
         per_token = per_token * is_weights
     if beta > 0:
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl
-        stats["kl"] = (kl.detach() * mask).sum()
-    loss = aggregate(per_token, mask, agg, n_seqs, n_tokens, max_new_tokens)
+        stats["kl"] = kl.detach()
     with torch.no_grad():  # TRL's definitions: a token is clipped where the clip is active for its advantage's sign
-        low = ((ratio < 1 - eps_low) & (adv < 0)).float() * mask
-        high = ((ratio > 1 + eps_high) & (adv > 0)).float() * mask
-        stats.update({"clip_ratio/low_mean": low.sum(), "clip_ratio/high_mean": high.sum(),
-                      "clip_ratio/region_mean": (low + high).sum()})
-    return loss, stats
+        low, high = ((ratio < 1 - eps_low) & (adv < 0)).float(), ((ratio > 1 + eps_high) & (adv > 0)).float()
+        stats.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low + high})
+    return per_token, stats
 
 
 class RolloutHead(torch.nn.Module):
@@ -293,6 +294,15 @@ def explorer_logps(hidden, lm_weight, head, index, temperature, backend, with_en
     features = torch.cat([hidden, torch.relu(head.w1(hidden)).to(hidden.dtype)], dim=-1)  # (b, T, 2d)
     weight = torch.cat([lm_weight, head.w2.weight], dim=1).to(features.dtype)  # (V, 2d)
     return hidden_logprobs(features, weight, index, temperature, with_entropy, backend)
+
+
+def explorer_forward(model, input_ids, attention_mask, temperature, backend, with_entropy=False, *, head):
+    """get_logps for the explorer with theta frozen (a head round): the decoder runs without grad and the LM head's
+    weight is detached, so only the rollout head's W1 and W2 get gradients. (b, L-1), as get_logps."""
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    weight = model.get_output_embeddings().weight.detach()
+    return explorer_logps(hidden, weight, head, input_ids[:, 1:], temperature, backend, with_entropy)
 
 
 def head_advantages(rewards: torch.Tensor, group_size: int, kind: str, eps: float = 1e-6):
@@ -386,14 +396,13 @@ if __name__ == "__main__":
 
     # ALGO LOGIC: the algorithm's own trainable state, saved in checkpoints by name, and the engine of training
     # rollouts (R2PO: the rollout head and its optimizer, and the explorer)
-    if args.head_steps < 0 or args.policy_steps < 1:
-        raise UserError(f"--head-steps must be >= 0 and --policy-steps >= 1 (got {args.head_steps}, "
-                        f"{args.policy_steps})")
-    lm_weight = model.get_output_embeddings().weight  # (V, d), possibly tied to the embedding
-    rollout_head = RolloutHead(model.config.hidden_size, lm_weight.shape[0], args.head_init_std).to(device)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    rollout_head = RolloutHead(model.config.hidden_size, vocab_size, args.head_init_std).to(device)
     head_optimizer = torch.optim.AdamW(rollout_head.parameters(), lr=args.head_learning_rate,
                                        weight_decay=args.weight_decay)
-    algo_state = {"rollout_head": rollout_head, "rollout_head_optimizer": head_optimizer}
+    head_scheduler = torch.optim.lr_scheduler.LambdaLR(head_optimizer, scheduler.lr_lambdas[0])  # the same warm-up
+    algo_state = {"rollout_head": rollout_head, "rollout_head_optimizer": head_optimizer,
+                  "rollout_head_scheduler": head_scheduler}
 
     # training rollouts come from the explorer pi_{theta,phi}: HF generate with head(h) added to the LM head's logits,
     # at the rollout temperature (vLLM does not know the head); evaluation uses the run's engine: the policy alone
@@ -440,18 +449,23 @@ if __name__ == "__main__":
         advantages, group_std = compute_advantages(rewards, args.group_size, args.scale_rewards, args.adv_eps)
         zero_std = (group_std == 0).repeat_interleave(args.group_size)  # (B*G,)
         in_loss = ~zero_std if args.drop_zero_std_groups else torch.ones_like(zero_std)
+        # head rounds come first: steps 1..N1 train the head, N1+1..N1+N2 the policy, and so on
+        head_round = (global_step - 1) % (args.head_steps + args.policy_steps) < args.head_steps
+        metrics["r2po/stage"] = 0 if head_round else 1
+        if head_round:  # the head's advantages; a group whose a_i are all equal is skipped
+            advantages, metrics["r2po/head_adv_std"] = head_advantages(rewards, args.group_size, args.head_advantage)
+            in_loss = (advantages.view(-1, args.group_size) != 0).any(dim=1).repeat_interleave(args.group_size)
         # a sequence with A = 0 and beta = 0 has zero gradient: skip its forward/backward (exact: the loss's
         # normalisers still count it)
         needs_grad = in_loss & ((advantages != 0) | (args.beta > 0))
         # with one update in all, rho == 1: the old log-probs are the detached current ones, no extra forward
         compute_old_logps = num_updates > 1
-        # head rounds come first: steps 1..N1 train the head, N1+1..N1+N2 the policy, and so on
-        head_round = (global_step - 1) % (args.head_steps + args.policy_steps) < args.head_steps
-        metrics["r2po/stage"] = 0 if head_round else 1
-        if head_round:  # theta is frozen: the shared update below trains nothing, the head trains before it
-            advantages, metrics["r2po/head_adv_std"] = head_advantages(rewards, args.group_size, args.head_advantage)
-            in_loss = (advantages.view(-1, args.group_size) != 0).any(dim=1).repeat_interleave(args.group_size)
-            needs_grad, compute_old_logps = torch.zeros_like(in_loss), False
+        # the update phase trains the policy, or in a head round the rollout head through the explorer's log-probs
+        # (theta frozen): what the loss's rho, clip and KL then act on, as the official head stage
+        update_logps, update_module, update_optimizer, update_scheduler = get_logps, model, optimizer, scheduler
+        if head_round:
+            update_logps = partial(explorer_forward, head=rollout_head)
+            update_module, update_optimizer, update_scheduler = rollout_head, head_optimizer, head_scheduler
 
         # TRY NOT TO MODIFY: batch tensors, old and reference log-probs
         t0 = time.time()
@@ -466,7 +480,7 @@ if __name__ == "__main__":
                 micro = slice(s, s + micro_size)
                 L = int(b_attention_mask[micro].sum(1).max())
                 if compute_old_logps:
-                    b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = get_logps(
+                    b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = update_logps(
                         model, b_input_ids[micro, :L], b_attention_mask[micro, :L], args.temperature,
                         args.logprob_backend, with_entropy=True)
                     b_forwarded[micro] = True
@@ -475,65 +489,23 @@ if __name__ == "__main__":
                                                                b_attention_mask[micro, :L], args.temperature,
                                                                args.logprob_backend)
 
-        # ALGO LOGIC: terms that need the rollout policy's log-probs (R2PO: a head round's whole update, stage 1)
-        if head_round:
-            # theta is frozen, so its hidden states are computed once, without grad. The explorer's log-probs at
-            # phi_old (rho's denominator: the rollout policy's, up to the sampling temperature) and its entropy fill
-            # b_old_logps and b_entropy, so `entropy` logs the explorer's in a head round
-            hidden = torch.zeros(*b_mask.shape, model.config.hidden_size, device=device)  # (N, L-1, d)
-            with torch.no_grad(), autocast:
-                for s in range(0, N, micro_size):
-                    micro = slice(s, s + micro_size)
-                    L = int(b_attention_mask[micro].sum(1).max())
-                    hidden[micro, : L - 1] = model.get_decoder()(input_ids=b_input_ids[micro, :L],
-                                                                 attention_mask=b_attention_mask[micro, :L]
-                                                                 ).last_hidden_state[:, :-1]
-                    b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = explorer_logps(
-                        hidden[micro, : L - 1], lm_weight, rollout_head, b_input_ids[micro, 1:L], args.temperature,
-                        args.logprob_backend, with_entropy=True)
-                    b_forwarded[micro] = True
-            head_sum = {}
-            for epoch in range(args.update_epochs):
-                for mb_inds in torch.randperm(N).chunk(args.num_minibatches):
-                    mb_in_loss = mb_inds[in_loss[mb_inds]]
-                    n_tokens = int(b_mask[mb_in_loss].sum())
-                    head_optimizer.zero_grad(set_to_none=True)
-                    for micro in mb_in_loss.split(micro_size) if len(mb_in_loss) else []:  # every group skipped: no step
-                        L = int(b_attention_mask[micro].sum(1).max())
-                        with autocast:  # lm_weight detached: only W1 and W2 get gradients
-                            logps, _ = explorer_logps(hidden[micro, : L - 1], lm_weight.detach(), rollout_head,
-                                                      b_input_ids[micro, 1:L], args.temperature, args.logprob_backend)
-                        loss, stats = grpo_loss(logps, b_old_logps[micro, : L - 1], b_advantages[micro],
-                                                b_mask[micro, : L - 1], eps_low=args.eps_low,
-                                                eps_high=args.eps_high, beta=args.beta,
-                                                ref_logps=b_ref_logps[micro, : L - 1], agg=args.agg,
-                                                n_seqs=len(mb_in_loss),
-                                                n_tokens=n_tokens, max_new_tokens=args.max_new_tokens,
-                                                dual_clip=args.dual_clip)
-                        loss.backward()
-                        for k, v in {"loss": loss.detach(), **stats}.items():
-                            head_sum[k] = head_sum.get(k, 0.0) + float(v)
-                    metrics["r2po/head_grad_norm"] = float(
-                        torch.nn.utils.clip_grad_norm_(rollout_head.parameters(), args.max_grad_norm))
-                    head_optimizer.step()
-            n_tok = max(float(b_mask[in_loss.to(device)].sum()), 1.0) * num_updates  # token-updates
-            metrics.update({f"r2po/head_{k}": v / (num_updates if k == "loss" else n_tok) for k, v in head_sum.items()})
+        # ALGO LOGIC: terms that need the rollout policy's log-probs (R2PO: none)
 
         # TRY NOT TO MODIFY: update phase: num_updates optimizer steps over mini-batches, each accumulated over
         # micro-batches of at most micro_batch_size sequences
-        stats_sum = {}
+        stats_sum = {"loss": 0.0}
         for epoch in range(args.update_epochs):
             for mb_inds in torch.randperm(N).chunk(args.num_minibatches):
                 mb_in_loss = mb_inds[in_loss[mb_inds]]  # what the loss's normalisers count
-                n_seqs, n_tokens = len(mb_in_loss), int(b_mask[mb_in_loss].sum())
+                n_seqs, n_tokens = len(mb_in_loss), max(int(b_mask[mb_in_loss].sum()), 1)
                 mb_trained = mb_inds[needs_grad[mb_inds]]  # what is forwarded and back-propagated
-                optimizer.zero_grad(set_to_none=True)
+                update_optimizer.zero_grad(set_to_none=True)
                 for micro in mb_trained.split(micro_size) if len(mb_trained) else []:
                     L = int(b_attention_mask[micro].sum(1).max())
                     micro_mask = b_mask[micro, : L - 1]
                     with autocast:
-                        logps, entropy = get_logps(model, b_input_ids[micro, :L], b_attention_mask[micro, :L],
-                                                   args.temperature, args.logprob_backend, with_entropy=True)
+                        logps, entropy = update_logps(model, b_input_ids[micro, :L], b_attention_mask[micro, :L],
+                                                      args.temperature, args.logprob_backend, with_entropy=True)
                     if not compute_old_logps:  # one update in all: pi_old is this forward, detached (rho == 1)
                         b_old_logps[micro, : L - 1], b_entropy[micro, : L - 1] = logps.detach(), entropy.detach()
                         b_forwarded[micro] = True
@@ -542,31 +514,31 @@ if __name__ == "__main__":
                         is_weights = torch.exp(b_old_logps[micro, : L - 1] - b_sampler_logps[micro, : L - 1]).clamp(
                             max=args.tis_cap)
                     # ALGO LOGIC: the loss of a micro-batch
-                    loss, stats = grpo_loss(logps, b_old_logps[micro, : L - 1], b_advantages[micro], micro_mask,
-                                            eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
-                                            ref_logps=b_ref_logps[micro, : L - 1], agg=args.agg, n_seqs=n_seqs,
-                                            n_tokens=n_tokens, max_new_tokens=args.max_new_tokens,
-                                            is_weights=is_weights, dual_clip=args.dual_clip)
+                    per_token, stats = grpo_loss(logps, b_old_logps[micro, : L - 1], b_advantages[micro],
+                                                 eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                                                 ref_logps=b_ref_logps[micro, : L - 1], is_weights=is_weights,
+                                                 dual_clip=args.dual_clip)
+                    loss = aggregate(per_token, micro_mask, args.agg, n_seqs, n_tokens, args.max_new_tokens)
                     # TRY NOT TO MODIFY: backward, statistics
                     loss.backward()
-                    for k, v in {"loss": loss.detach(), **stats}.items():
-                        stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    stats_sum["loss"] += float(loss) / num_updates
+                    for k, v in stats.items():  # per token of the mini-batch's loss, averaged over updates
+                        stats_sum[k] = stats_sum.get(k, 0.0) + float((v * micro_mask).sum()) / n_tokens / num_updates
+                grad_norm = torch.nn.utils.clip_grad_norm_(update_module.parameters(), args.max_grad_norm)
                 run.check_grad_norm(grad_norm, global_step)  # NaN/inf: stop before the step, name the last checkpoint
-                optimizer.step()
-                scheduler.step()
+                update_optimizer.step()
+                update_scheduler.step()
         metrics["time/train"] = time.time() - t0
 
-        # TRY NOT TO MODIFY: logging (token statistics are per token-update of the sequences in the loss)
+        # TRY NOT TO MODIFY: logging
         seen = b_mask * b_forwarded.to(device).unsqueeze(1)  # response tokens whose old log-probs are known
-        n_tok = max(float(b_mask[in_loss.to(device)].sum()), 1.0) * num_updates
-        metrics.update({
+        metrics.update({**stats_sum,
             "reward": rewards.mean(), "reward_std": group_std.mean(),
             "frac_reward_zero_std": (group_std == 0).float().mean(),
             "completions/mean_length": b_mask.sum(1).mean(),
             "completions/clipped_ratio": 1.0 - torch.tensor(rollout.finished, dtype=torch.float32).mean(),
-            "loss": stats_sum.get("loss", 0.0) / num_updates, "grad_norm": float(grad_norm),
-            "learning_rate": scheduler.get_last_lr()[0], "reward/timeouts": checker.stats["timeouts"],
+            "grad_norm": float(grad_norm),
+            "learning_rate": update_scheduler.get_last_lr()[0], "reward/timeouts": checker.stats["timeouts"],
             "reward/errors": checker.stats["errors"], "data/skipped_long_prompts": skipped,
         })
         if bool(seen.any()):  # the rollout policy's entropy over the response tokens forwarded
@@ -575,9 +547,6 @@ if __name__ == "__main__":
             diff = (b_old_logps - b_sampler_logps).abs() * seen
             metrics["sampling/sampling_logp_difference/mean"] = float(diff.sum()) / float(seen.sum())
             metrics["sampling/sampling_logp_difference/max"] = float(diff.max())
-        for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual_mean", "kl"):
-            if k in stats_sum:
-                metrics[k] = stats_sum[k] / n_tok
         if args.eval_every and eval_set and (global_step % args.eval_every == 0 or global_step == args.total_steps):
             last_acc, metrics["time/eval"] = evaluate(engine, model, global_step, eval_set, tokenizer, checker,
                                                       args.max_new_tokens)

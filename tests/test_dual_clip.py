@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from losses import scripts_loss
 
 SCRIPTS = [m for m in ("grpo", "clipo", "conspo", "cepo", "r2po") if hasattr(importlib.import_module(m), "grpo_loss")]
 EPS = dict(eps_low=0.2, eps_high=0.28)
@@ -72,10 +73,10 @@ def call(module, adv, *, agg, dual_clip, log_ratio=None, is_weights=None):
     log_ratio = torch.tensor(RATIO, dtype=torch.float64).log() if log_ratio is None else log_ratio
     logps = (old + log_ratio).requires_grad_()
     mask = torch.tensor(MASK, dtype=torch.float64)
-    loss, stats = module.grpo_loss(logps, old, torch.tensor(adv, dtype=torch.float64), mask, **EPS, beta=0.0,
-                                   ref_logps=torch.zeros(3, 5, dtype=torch.float64), agg=agg, n_seqs=3,
-                                   n_tokens=int(mask.sum()), max_new_tokens=5, is_weights=is_weights,
-                                   dual_clip=dual_clip)
+    loss, stats = scripts_loss(module, logps, old, torch.tensor(adv, dtype=torch.float64), mask, **EPS, beta=0.0,
+                               ref_logps=torch.zeros(3, 5, dtype=torch.float64), agg=agg, n_seqs=3,
+                               n_tokens=int(mask.sum()), max_new_tokens=5, is_weights=is_weights,
+                               dual_clip=dual_clip)
     (grad,) = torch.autograd.grad(loss, logps)
     return float(loss.detach()), {k: float(v) for k, v in stats.items()}, grad
 
@@ -130,8 +131,8 @@ def test_log_ratio_is_clamped_before_exp(script):
     log_ratio[1, 0] = 100.0  # A = +1.5 there: the upper clip is active, loss -1.28 A
     old = torch.zeros(3, 5)
     logps = (old + log_ratio).requires_grad_()
-    loss, _ = module.grpo_loss(logps, old, torch.tensor(ROW["adv"]), torch.tensor(MASK, dtype=torch.float32), **EPS,
-                               beta=0.0, ref_logps=old, agg="token-mean", n_seqs=3, n_tokens=10, max_new_tokens=5)
+    loss, _ = scripts_loss(module, logps, old, torch.tensor(ROW["adv"]), torch.tensor(MASK, dtype=torch.float32),
+                           **EPS, beta=0.0, ref_logps=old, agg="token-mean", n_seqs=3, n_tokens=10, max_new_tokens=5)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logps.grad).all()
     assert float(loss.detach()) == pytest.approx((2 * 4 - 1.5 * 1.28 - 1.5 * 2 + 1 * 3) / 10, rel=1e-6)
@@ -158,8 +159,9 @@ def test_dual_clip_must_exceed_one(script):
 
 
 def test_the_flag_defaults():
-    """Off in every script (as TRL) except cepo.py, which takes EasyR1's clip_ratio_dual 3.0."""
+    """Off in every script (as TRL); cepo.py lists EasyR1's clip_ratio_dual 3.0 in its official command line."""
     for script in SCRIPTS:
         args = importlib.import_module(script).Args
-        assert args.dual_clip == (3.0 if script == "cepo" else None), script
+        assert args.dual_clip is None, script
+    assert "--dual-clip 3" in importlib.import_module("cepo").__doc__
     assert set(SCRIPTS) == {"grpo", "clipo", "cepo", "r2po"}  # conspo has no ratio, so no grpo_loss

@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
-from grpo import aggregate, compute_advantages, grpo_loss, k3_kl
+import grpo
+from grpo import aggregate, compute_advantages, k3_kl
+from losses import scripts_loss
 
 SCRIPTS = [importlib.import_module(name) for name in ("grpo", "clipo", "conspo", "cepo", "r2po")]
 AGGS = ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
@@ -52,9 +54,9 @@ def test_aggregation_by_hand_and_micro_batches_sum_to_the_whole(module, agg, exp
 
 
 def _loss(logps, old, adv, agg="seq-mean-token-mean", beta=0.0, ref=None, eps_high=0.2):
-    return grpo_loss(logps, old, adv, MASK, eps_low=0.2, eps_high=eps_high, beta=beta,
-                     ref_logps=ref if ref is not None else torch.zeros_like(logps), agg=agg, n_seqs=2, n_tokens=3,
-                     max_new_tokens=4)
+    return scripts_loss(grpo, logps, old, adv, MASK, eps_low=0.2, eps_high=eps_high, beta=beta,
+                        ref_logps=ref if ref is not None else torch.zeros_like(logps), agg=agg, n_seqs=2, n_tokens=3,
+                        max_new_tokens=4)
 
 
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
@@ -124,10 +126,9 @@ def _grpo_loss(module, shape, logps, old, adv, mask, *, agg, n_seqs, n_tokens, e
                beta=0.0, ref=None, is_weights=None, max_new_tokens=4):
     if shape == "(b,T)":
         adv = adv.unsqueeze(1).expand_as(logps)
-    return module.grpo_loss(logps=logps, old_logps=old, advantages=adv, mask=mask, eps_low=eps_low,
-                            eps_high=eps_high, beta=beta, ref_logps=torch.zeros_like(logps) if ref is None else ref,
-                            agg=agg, n_seqs=n_seqs, n_tokens=n_tokens, max_new_tokens=max_new_tokens,
-                            is_weights=is_weights)
+    return scripts_loss(module, logps, old, adv, mask, eps_low=eps_low, eps_high=eps_high, beta=beta,
+                        ref_logps=torch.zeros_like(logps) if ref is None else ref, agg=agg, n_seqs=n_seqs,
+                        n_tokens=n_tokens, max_new_tokens=max_new_tokens, is_weights=is_weights)
 
 
 def _per_token(loss_of_mask, logps, mask):

@@ -34,3 +34,24 @@ def test_the_checker_catches_a_drift():
 def test_variant_matches_grpo_outside_algo_logic(variant):
     problems = compare((ROOT / "grpo.py").read_text(), (ROOT / variant).read_text())
     assert not problems, f"{variant} breaks the house rule:\n" + "\n".join(problems)
+
+
+# A variant keeps grpo.py's default of every shared flag, so that `python X.py` vs `python grpo.py` compares the
+# method alone; it changes one only where its method requires it, and says so in the flag's docstring. Settings of
+# an official script that are not the method go in the variant's docstring as a command line instead.
+METHOD_DEFAULTS = {("r2po.py", "beta"): "R2PO's objective has the KL term in both stages"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_keep_grpos_defaults_unless_the_method_requires_otherwise(variant):
+    import dataclasses
+    import importlib
+
+    fields = lambda module: {f.name: f for f in dataclasses.fields(importlib.import_module(module).Args)}
+    base, own = fields("grpo"), fields(variant[: -len(".py")])
+    changed = {name for name in base.keys() & own.keys()
+               if name != "exp_name" and base[name].default != own[name].default}
+    assert changed == {name for v, name in METHOD_DEFAULTS if v == variant}, f"{variant} changes {sorted(changed)}"
+    source = (ROOT / variant).read_text()
+    for name in changed:  # the flag's docstring says why
+        assert "so it changes grpo.py's default" in source.split(f"    {name}: ", 1)[1].split('"""', 2)[1], name
