@@ -187,7 +187,6 @@ class Args:
 REAL_MODEL = {**REAL_MODEL, "learning_rate": 1e-6}
 
 
-
 # ALGO LOGIC: advantages, the teachers' token weights and the loss (docs/algorithms.md#grpo and #cepo)
 def compute_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool, eps: float):
     """A_i = (r_i - mean_g r) / (std_g r + eps); rewards (B*G,) grouped, prompt 0's G completions first.
@@ -414,7 +413,7 @@ if __name__ == "__main__":
     checker = RewardChecker(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
 
     # ALGO LOGIC: the algorithm's own trainable state, saved in checkpoints by name, and the engine of training
-    # rollouts (CEPO: none, and the run's engine)
+    # rollouts (none here, and the run's engine)
     algo_state, train_engine = {}, engine
 
     # TRY NOT TO MODIFY: resume: what a checkpoint holds (Run.save adds the RNG states, the step and the flags)

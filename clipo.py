@@ -189,7 +189,6 @@ class Args:
 REAL_MODEL = {**REAL_MODEL, "learning_rate": 1e-6}
 
 
-
 # ALGO LOGIC: advantages and loss (docs/algorithms.md#grpo); CLIPO's representation, head, InfoNCE, bonus (#clipo)
 def compute_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool, eps: float):
     """A_i = (r_i - mean_g r) / (std_g r + eps); rewards (B*G,) grouped, prompt 0's G completions first.

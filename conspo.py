@@ -165,7 +165,6 @@ class Args:
 REAL_MODEL = {**REAL_MODEL, "learning_rate": 2e-6}
 
 
-
 # ALGO LOGIC: scores, margin curriculum, group InfoNCE and its micro-batch loss (docs/algorithms.md#conspo)
 def sequence_scores(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """s_i = (1/|o_i|) sum_t log pi(o_{i,t} | q, o_{i,<t}): logps, mask (b, T) -> (b,), in logps' dtype (fp32)."""
@@ -293,7 +292,7 @@ if __name__ == "__main__":
     checker = RewardChecker(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
 
     # ALGO LOGIC: the algorithm's own trainable state, saved in checkpoints by name, and the engine of training
-    # rollouts (ConSPO: none, and the run's engine)
+    # rollouts (none here, and the run's engine)
     algo_state, train_engine = {}, engine
 
     # TRY NOT TO MODIFY: resume: what a checkpoint holds (Run.save adds the RNG states, the step and the flags)

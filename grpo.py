@@ -295,7 +295,7 @@ if __name__ == "__main__":
     checker = RewardChecker(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
 
     # ALGO LOGIC: the algorithm's own trainable state, saved in checkpoints by name, and the engine of training
-    # rollouts (GRPO: none, and the run's engine)
+    # rollouts (none here, and the run's engine)
     algo_state, train_engine = {}, engine
 
     # TRY NOT TO MODIFY: resume: what a checkpoint holds (Run.save adds the RNG states, the step and the flags)
@@ -368,7 +368,7 @@ if __name__ == "__main__":
                                                                b_attention_mask[micro, :L], args.temperature,
                                                                args.logprob_backend)
 
-        # ALGO LOGIC: terms that need the rollout policy's log-probs (GRPO: none)
+        # ALGO LOGIC: terms that need the rollout policy's log-probs (none here)
 
         # TRY NOT TO MODIFY: update phase: num_updates optimizer steps over mini-batches, each accumulated over
         # micro-batches of at most micro_batch_size sequences

@@ -198,7 +198,6 @@ class Args:
 REAL_MODEL = {**REAL_MODEL, "learning_rate": 1e-6, "head_steps": 10, "policy_steps": 20, "head_learning_rate": 1e-6}
 
 
-
 # ALGO LOGIC: advantages and loss (docs/algorithms.md#grpo); R2PO's rollout head and its advantages (#r2po)
 def compute_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool, eps: float):
     """A_i = (r_i - mean_g r) / (std_g r + eps); rewards (B*G,) grouped, prompt 0's G completions first.
@@ -489,7 +488,7 @@ if __name__ == "__main__":
                                                                b_attention_mask[micro, :L], args.temperature,
                                                                args.logprob_backend)
 
-        # ALGO LOGIC: terms that need the rollout policy's log-probs (R2PO: none)
+        # ALGO LOGIC: terms that need the rollout policy's log-probs (none here)
 
         # TRY NOT TO MODIFY: update phase: num_updates optimizer steps over mini-batches, each accumulated over
         # micro-batches of at most micro_batch_size sequences
