@@ -540,7 +540,7 @@ if __name__ == "__main__":
                     loss = aggregate(per_token, micro_mask, args.agg, n_seqs, n_tokens, args.max_new_tokens)
                     # TRY NOT TO MODIFY: backward, statistics
                     loss.backward()
-                    stats_sum["loss"] += float(loss) / num_updates
+                    stats_sum["loss"] += loss.item() / num_updates
                     for k, v in stats.items():  # per token of the mini-batch's loss, averaged over updates
                         stats_sum[k] = stats_sum.get(k, 0.0) + float((v * micro_mask).sum()) / n_tokens / num_updates
                 grad_norm = torch.nn.utils.clip_grad_norm_(update_module.parameters(), args.max_grad_norm)
