@@ -10,7 +10,8 @@ from grpo.py's default (the embedded tiny model's)), with its progress bar. Resu
 (final/) is skipped, an unfinished one with a checkpoint continues with --resume, anything else starts clean.
 Ctrl-C: the running script finishes its step and saves; re-run the same command to continue.
 Writes OUT_DIR/compare.csv (every metrics row), compare.png (eval accuracy vs step, reward vs wall time) and
-compare.md (the table). Details: docs/compare.md.
+compare.md (the table: each accuracy a mean over seeds with a 95% bootstrap interval over seeds and problems, and
+which differences the budget resolves). Details: docs/compare.md.
 """
 from __future__ import annotations
 
@@ -203,13 +204,79 @@ def ema(x: np.ndarray, weight: float = 0.6) -> np.ndarray:
     return out
 
 
-def plot(runs: list[dict], path: Path) -> None:
+BOOTSTRAP_DRAWS = 10_000
+# held-out problems of each dataset's full eval split (embedded: tiny/data/test.jsonl; GSM8K test; MATH-500)
+EVAL_SIZES = {"gsm8k": 1319, "math": 500}
+
+
+def eval_size(dataset: str, eval_limit: Optional[int]) -> Optional[int]:
+    """Problems per evaluation: --eval-limit capped by the eval set's size; None where the size is unknown (a local
+    file evaluated whole)."""
+    if dataset == "embedded":
+        from common.data import EMBEDDED_TEST
+
+        full = sum(1 for line in EMBEDDED_TEST.read_text().splitlines() if line.strip())
+    else:
+        full = EVAL_SIZES.get(dataset)
+    if full is None:
+        return eval_limit
+    return min(eval_limit, full) if eval_limit else full
+
+
+def bootstrap_means(accs, n_problems: Optional[int], rng: np.random.Generator,
+                    draws: int = BOOTSTRAP_DRAWS) -> np.ndarray:
+    """Bootstrap draws of the mean accuracy over seeds (draws,): each draw resamples the seeds with replacement,
+    then each drawn seed's n_problems eval problems with replacement. The runs log a seed's accuracy, not which
+    problems it solved; resampling n problems of which a share acc is solved draws the solved count from
+    Binomial(n, acc), so that is what is drawn. n_problems None: seeds only."""
+    accs = np.asarray(accs, dtype=float)
+    picked = accs[rng.integers(0, len(accs), size=(draws, len(accs)))]  # (draws, seeds)
+    if n_problems:
+        picked = rng.binomial(n_problems, picked) / n_problems
+    return picked.mean(axis=1)
+
+
+def interval(draws: np.ndarray) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap draws."""
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def resolution(finals: dict, n_problems: Optional[int]) -> str:
+    """The sentence on which differences in final accuracy this budget resolves: the typical half-width of the 95%
+    interval of a difference between two algorithms, and the pairs whose interval excludes 0."""
+    rng = np.random.default_rng(0)
+    draws = {algo: bootstrap_means(accs, n_problems, rng) for algo, accs in finals.items()}
+    algos = list(draws)
+    if len(algos) < 2:
+        lo, hi = interval(draws[algos[0]] - bootstrap_means(finals[algos[0]], n_problems, rng))
+        return (f"Two algorithms run like this one would need final accuracies at least {100 * (hi - lo) / 2:.1f} "
+                f"points apart to be told apart (95%).")
+    pairs, widths = [], []
+    for i, a in enumerate(algos):
+        for b in algos[i + 1 :]:
+            diff = draws[a] - draws[b]
+            lo, hi = interval(diff)
+            widths.append((hi - lo) / 2)
+            if lo > 0 or hi < 0:
+                better, worse, sign = (a, b, 1) if lo > 0 else (b, a, -1)
+                pairs.append(f"{better} > {worse} ({100 * sign * float(diff.mean()):+.1f} points, 95% interval "
+                             f"{100 * min(sign * lo, sign * hi):+.1f} to {100 * max(sign * lo, sign * hi):+.1f})")
+    resolved = "; ".join(pairs) if pairs else "none"
+    return (f"With this budget, differences in final accuracy smaller than about {100 * float(np.median(widths)):.1f} "
+            f"points are within noise (the median half-width of the 95% interval of a difference between two "
+            f"algorithms). Differences the budget resolves (interval excludes 0): {resolved}; every other pair is "
+            f"within noise and should not be read as a ranking.")
+
+
+def plot(runs: list[dict], path: Path, n_problems: Optional[int] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_rew) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rng = np.random.default_rng(0)
     for algo in dict.fromkeys(r["algo"] for r in runs):
         mine = [r for r in runs if r["algo"] == algo]
         acc = [{r["step"]: r["eval/accuracy"] for r in run["rows"] if "eval/accuracy" in r} for run in mine]
@@ -217,15 +284,19 @@ def plot(runs: list[dict], path: Path) -> None:
         y = np.array([[a[s] for s in steps] for a in acc])  # (seeds, evaluations)
         label = f"{algo} ({len(mine)} seed{'s' * (len(mine) > 1)})"
         (line,) = ax_acc.plot(steps, y.mean(0), marker="o", ms=3, label=label)
-        ax_acc.fill_between(steps, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+        band = np.array([interval(bootstrap_means(y[:, i], n_problems, rng, 2000)) for i in range(len(steps))])
+        ax_acc.fill_between(steps, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.2)
         curves = [(np.array([r["wall_s"] for r in run["rows"] if "reward" in r]),
                    ema(np.array([r["reward"] for r in run["rows"] if "reward" in r]))) for run in mine]
         grid = np.linspace(max(t[0] for t, _ in curves), min(t[-1] for t, _ in curves), 200)
         y = np.array([np.interp(grid, t, v) for t, v in curves])  # (seeds, 200)
         ax_rew.plot(grid, y.mean(0), color=line.get_color(), label=algo)
-        ax_rew.fill_between(grid, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
-    ax_acc.set(xlabel="step", ylabel="greedy eval accuracy", title="eval accuracy (mean, band: min-max over seeds)")
-    ax_rew.set(xlabel="wall time (s)", ylabel="sampled reward (EMA 0.6)", title="reward vs wall time")
+        band = np.array([interval(bootstrap_means(y[:, i], None, rng, 2000)) for i in range(len(grid))])
+        ax_rew.fill_between(grid, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.2)
+    ax_acc.set(xlabel="step", ylabel="greedy eval accuracy",
+               title="eval accuracy (mean over seeds, band: 95% bootstrap interval)")
+    ax_rew.set(xlabel="wall time (s)", ylabel="sampled reward (EMA 0.6)",
+               title="reward vs wall time (band: 95% bootstrap over seeds)")
     for ax in (ax_acc, ax_rew):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -234,11 +305,10 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def mean_spread(values: list[float]) -> str:
-    """mean ± sample std (per-seed values); a single run is shown as is."""
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} ({', '.join(f'{v:.3f}' for v in values)})"
+def mean_interval(values: list[float], n_problems: Optional[int], rng: np.random.Generator) -> str:
+    """mean [95% bootstrap interval] of per-seed accuracies."""
+    lo, hi = interval(bootstrap_means(values, n_problems, rng))
+    return f"{np.mean(values):.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def summarize(runs_dir, out_dir, algos=ALGOS, seeds=(1, 2, 3)) -> str:
@@ -258,16 +328,29 @@ def summarize(runs_dir, out_dir, algos=ALGOS, seeds=(1, 2, 3)) -> str:
         writer.writeheader()
         for run in runs:
             writer.writerows({"algo": run["algo"], "seed": run["seed"], **r} for r in run["rows"])
-    plot(runs, out_dir / "compare.png")
+    n_problems = eval_size(b["dataset"], b["eval_limit"])
+    plot(runs, out_dir / "compare.png", n_problems)
 
-    lines = ["| algo | start acc | final acc: mean ± std (per seed) | tokens/s | wall time per run |",
-             "|---|---|---|---|---|"]
+    lines = ["| algo | start acc [95% CI] | final acc [95% CI] | final acc per seed | tokens/s | wall time per run |",
+             "|---|---|---|---|---|---|"]
+    rng, finals = np.random.default_rng(0), {}
     for algo in dict.fromkeys(r["algo"] for r in runs):
         stats = [run_stats(run) for run in runs if run["algo"] == algo]
-        mean = {k: np.mean([s[k] for s in stats]) for k in ("start", "tokens_per_s", "wall")}
-        lines.append(f"| {algo} | {mean['start']:.3f} | {mean_spread([s['final'] for s in stats])} "
+        finals[algo] = [s["final"] for s in stats]
+        mean = {k: np.mean([s[k] for s in stats]) for k in ("tokens_per_s", "wall")}
+        per_seed = ", ".join(f"{v:.3f}" for v in finals[algo])
+        lines.append(f"| {algo} | {mean_interval([s['start'] for s in stats], n_problems, rng)} "
+                     f"| {mean_interval(finals[algo], n_problems, rng)} | {per_seed} "
                      f"| {mean['tokens_per_s']:.0f} | {mean['wall']:.0f} s |")
     used = sorted({run["seed"] for run in runs})
+    if n_problems:
+        how = (f"resample the seeds, then each drawn seed's {n_problems} eval problems (the runs log each "
+               f"evaluation's accuracy, not which problems it solved, so a seed's resampled solved count is drawn as "
+               f"Binomial({n_problems}, its accuracy), which is what resampling its problems gives)")
+    else:
+        how = "resample the seeds only (the eval set's size is unknown, so its problems are not resampled)"
+    lines += ["", f"Intervals: 95%, percentile bootstrap ({BOOTSTRAP_DRAWS:,} draws): {how}. "
+              f"{resolution(finals, n_problems)}"]
     machine_file = runs_dir / "machine.txt"
     where = machine_file.read_text().strip() if machine_file.exists() else f"{machine()} (where this report was made)"
     lines += ["", f"Budget, the same for every algorithm: {b['total_steps']} steps x {b['prompts_per_step']} prompts x "

@@ -54,22 +54,96 @@ def resolve_model_name(name: str) -> str:
 
 
 def load_tokenizer(path: str):
-    """Load a tokenizer, avoiding transformers 5.19's Qwen2 trap.
+    """Load a tokenizer so that it encodes exactly as the one that was saved.
 
-    `AutoTokenizer` on a directory whose model is Qwen2 builds a `Qwen2Tokenizer` whatever the saved
-    config says, silently replacing a custom vocabulary (the embedded model has one). A local dir whose
-    tokenizer_config.json names `PreTrainedTokenizerFast` is therefore loaded with that class directly.
+    transformers 5.19's `AutoTokenizer` builds the class its table maps the model type to (a qwen2 model gets
+    `Qwen2Tokenizer`, whatever `tokenizer_config.json` names), and that class rebuilds the pre-tokenizer and
+    normalizer from its own code: a custom vocabulary such as the embedded model's then encodes to other ids. A
+    local dir holding a `tokenizer.json` is therefore loaded from that file as is (`PreTrainedTokenizerFast`),
+    whatever class its config names (`PreTrainedTokenizerFast`, `TokenizersBackend`, `Qwen2Tokenizer`, none);
+    anything else (a hub id, vocab.json + merges.txt, a sentencepiece model) goes through `AutoTokenizer`.
+    A tokenizer without an eos token takes the model's (generation_config.json, else config.json).
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    cfg = Path(path) / "tokenizer_config.json"
-    if cfg.is_file() and json.loads(cfg.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast":
+    local = Path(path)
+    if (local / "tokenizer.json").is_file():
         tok = PreTrainedTokenizerFast.from_pretrained(path)
     else:
         tok = AutoTokenizer.from_pretrained(path)
+    if tok.eos_token_id is None and local.is_dir():
+        eos = _model_eos_id(local)
+        if eos is not None:
+            tok.eos_token = tok.convert_ids_to_tokens(eos)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _model_eos_id(model_dir: Path) -> int | None:
+    """The first eos id of generation_config.json, else of config.json, else None."""
+    for name in ("generation_config.json", "config.json"):
+        f = model_dir / name
+        eos = json.loads(f.read_text()).get("eos_token_id") if f.is_file() else None
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int):
+            return eos
+    return None
+
+
+# Written next to a saved tokenizer that plain `AutoTokenizer` would otherwise rebuild with another class (see
+# save_model_and_tokenizer). A subclass with no __init__ of its own is loaded from tokenizer.json unchanged.
+_TOKENIZER_MODULE = "tokenization_minirlvr"
+_TOKENIZER_MODULE_TEXT = '''"""Written by minirlvr (common/data.py, save_model_and_tokenizer) so that AutoTokenizer
+loads tokenizer.json as saved, with or without trust_remote_code: a class with no code of its own."""
+from transformers import PreTrainedTokenizerFast
+
+
+class TokenizerFromFile(PreTrainedTokenizerFast):
+    pass
+'''
+
+
+def _same_tokenizer(a, b) -> bool:
+    """True when two fast tokenizers hold the same pipeline (normalizer, pre-tokenizer, model, added tokens,
+    post-processor, decoder) and the same special tokens."""
+    def pipeline(tok):
+        d = json.loads(tok.backend_tokenizer.to_str())
+        return {k: v for k, v in d.items() if k not in ("truncation", "padding")}
+
+    return pipeline(a) == pipeline(b) and (a.eos_token, a.pad_token, a.bos_token) == (b.eos_token, b.pad_token,
+                                                                                      b.bos_token)
+
+
+def save_model_and_tokenizer(model, tokenizer, path) -> None:
+    """`model.save_pretrained` + `tokenizer.save_pretrained`, such that both the project's loader and plain
+    `AutoTokenizer.from_pretrained(path)` / `AutoModelForCausalLM.from_pretrained(path)` load them back exactly.
+
+    transformers 5.19's `AutoTokenizer` gives a qwen2 model `Qwen2Tokenizer` (see load_tokenizer), which encodes a
+    custom vocabulary such as the embedded model's to other ids. When it would, `tokenizer_config.json` gets an
+    `auto_map` naming a class with no code of its own, written next to it: `AutoTokenizer` then loads
+    tokenizer.json unchanged (trust_remote_code off: as `TokenizersBackend`; on: as that class). Checked after
+    writing: a save that still reloads differently gets a warning (the project's loader reads it right anyway).
+    """
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    if not getattr(tokenizer, "is_fast", False):
+        return  # a slow (python) tokenizer has no tokenizer.json: AutoTokenizer rebuilds it from its own files
+    if _same_tokenizer(AutoTokenizer.from_pretrained(path), tokenizer):
+        return
+    (path / f"{_TOKENIZER_MODULE}.py").write_text(_TOKENIZER_MODULE_TEXT)
+    cfg_file = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["auto_map"] = {"AutoTokenizer": [None, f"{_TOKENIZER_MODULE}.TokenizerFromFile"]}
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+    if not _same_tokenizer(AutoTokenizer.from_pretrained(path), tokenizer):
+        warnings.warn(f"{path}: transformers' AutoTokenizer does not load this tokenizer back unchanged; load it "
+                      f"with PreTrainedTokenizerFast.from_pretrained or common.data.load_tokenizer")
 
 
 def load_model_and_tokenizer(name: str, dtype):

@@ -20,6 +20,7 @@ import gc
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -44,6 +45,42 @@ class RolloutBatch:
 logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
     lambda record: not record.getMessage().startswith("RotaryEmbedding:")
 )
+
+# The console (common/run.py sets it from --verbose): quiet by default, vLLM's INFO lines (its config dump, and
+# "Reloading weights" / "reset prefix cache" at every push) and its loading bar only when VERBOSE.
+VERBOSE = False
+
+# vLLM warnings about what this engine chooses on purpose (a seeded in-process engine, no chunked prefill and eager
+# mode on CPU, no tokenizer) or about a CPU build without Triton: expected on every run, shown only when VERBOSE.
+# logger name -> the starts of those messages. Any other warning, and every error, still shows.
+EXPECTED_WARNINGS = {
+    "vllm.engine.arg_utils": ("The global random seed is set to",
+                              "This model does not officially support disabling chunked prefill"),
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
+    "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
+    "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
+    "vllm.v1.worker.cpu_worker": ("CPU backend doesn't allow to use `torch.set_num_threads`",
+                                  "libtcmalloc is not found in LD_PRELOAD", "libiomp is not found in LD_PRELOAD"),
+    "vllm.renderers.base": ("Chat template warmup failed",  # it needs the tokenizer vLLM is told to skip
+                            "Using None for EOS token id because tokenizer is not initialized"),
+}
+
+
+def _expected_warning_filter(starts: tuple[str, ...]):
+    return lambda record: VERBOSE or not record.getMessage().startswith(starts)
+
+
+for _name, _starts in EXPECTED_WARNINGS.items():
+    logging.getLogger(_name).addFilter(_expected_warning_filter(_starts))
+
+
+def set_verbose(verbose: bool) -> None:
+    """--verbose: every vLLM log line, its loading bar and warnings; default: vLLM's unexpected warnings and errors."""
+    global VERBOSE
+    VERBOSE = verbose
+    # vLLM's kernel dispatcher trips torch's own deprecation of `torch.distributed.reduce_op` while it scans modules
+    warnings.filterwarnings("default" if verbose else "ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.reduce_op` is deprecated")
 
 
 def _import_vllm():
@@ -138,6 +175,9 @@ class VLLMEngine:
             enable_chunked_prefill=self.on_cuda,
             skip_tokenizer_init=True,  # token ids in and out; see the module docstring
             logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled from
+            # quiet unless --verbose; a VLLM_LOGGING_LEVEL set in the environment wins
+            log_level=None if VERBOSE or "VLLM_LOGGING_LEVEL" in os.environ else "WARNING",
+            use_tqdm_on_load=VERBOSE,
         )
         # A vLLM GPU worker sets torch to 1 intra-op thread "for serving"; in-process that would be
         # the trainer's setting too. (On CPU vLLM pins threads and disables torch.set_num_threads.)

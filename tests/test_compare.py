@@ -13,10 +13,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import tyro
 
-from benchmarks.compare import BUDGET, MARKERS, Args, find_run, saved_args, summarize, train, update_readme
+from benchmarks.compare import (BOOTSTRAP_DRAWS, BUDGET, MARKERS, Args, bootstrap_means, eval_size, find_run, interval,
+                                resolution, saved_args, summarize, train, update_readme)
 from common.checkpoint import save_checkpoint
 import grpo
 from test_grpo_run import ROOT, TINY, read_metrics, run
@@ -28,6 +30,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def compare(tmp, *extra):
     return run("benchmarks/compare.py", *FLAGS, "--runs-dir", str(tmp / "runs"), "--out-dir", str(tmp / "out"), *extra)
+
+
+def mean_and_interval(cell: str) -> tuple[float, float, float]:
+    """'0.500 [0.368, 0.633]' -> (0.5, 0.368, 0.633)"""
+    mean, lo, hi = re.fullmatch(r"([\d.]+) \[([\d.]+), ([\d.]+)\]", cell).groups()
+    return float(mean), float(lo), float(hi)
 
 
 def table_rows(md: str) -> dict:
@@ -96,9 +104,11 @@ def test_two_algorithms_end_to_end(compared):
     md = (tmp / "out" / "compare.md").read_text()
     cells = table_rows(md)
     assert set(cells) == {"grpo", "conspo"}
-    for algo, (start, final, tokens_per_s, wall) in cells.items():
-        numbers = [float(start), float(final), float(tokens_per_s), float(wall.removesuffix(" s"))]
-        assert all(math.isfinite(x) for x in numbers) and numbers[2] > 0 and numbers[3] > 0, (algo, numbers)
+    for algo, (start, final, per_seed, tokens_per_s, wall) in cells.items():
+        assert mean_and_interval(final)[0] == float(per_seed)  # one seed
+        numbers = [*mean_and_interval(start), *mean_and_interval(final), float(tokens_per_s),
+                   float(wall.removesuffix(" s"))]
+        assert all(math.isfinite(x) for x in numbers) and numbers[-2] > 0 and numbers[-1] > 0, (algo, numbers)
     max_new_tokens = grpo.Args.max_new_tokens  # not set by FLAGS: grpo.py's default, given to both
     assert f"2 steps x 4 prompts x 4 completions of at most {max_new_tokens} tokens" in md
     assert "on 8 held-out problems at step 0 and every 2 steps" in md and "HF generate" in md
@@ -158,8 +168,16 @@ def test_summarize_math_on_hand_written_runs(tmp_path):
     # wall 4; 24 tokens in 2 s: 12 tokens/s
     table = summarize(runs, tmp_path / "out", ("grpo", "cepo"), (1, 2, 3))
 
-    assert table_rows(table) == {"grpo": ["0.200", "0.500 ± 0.141 (0.400, 0.600)", "9", "10 s"],
-                                 "cepo": ["0.100", "0.300", "12", "4 s"]}
+    rows = table_rows(table)
+    assert {a: r[2:] for a, r in rows.items()} == {"grpo": ["0.400, 0.600", "9", "10 s"],
+                                                   "cepo": ["0.300", "12", "4 s"]}
+    for algo, start, final in (("grpo", 0.2, 0.5), ("cepo", 0.1, 0.3)):
+        for cell, mean in ((rows[algo][0], start), (rows[algo][1], final)):
+            m, lo, hi = mean_and_interval(cell)
+            assert m == mean and lo < m < hi, (algo, cell)
+    # seeds 0.4 and 0.6 of 200 problems: wider than one seed's binomial 0.3 of 200 alone
+    assert mean_and_interval(rows["grpo"][1])[2] - mean_and_interval(rows["grpo"][1])[1] > 0.2
+    assert "Binomial(200, its accuracy)" in table and "differences in final accuracy smaller than about" in table
     assert "2 steps x 2 prompts x 3 completions of at most 12 tokens" in table
     assert "--algos grpo cepo --seeds 1 2 " in table
     with open(tmp_path / "out" / "compare.csv") as f:
@@ -191,3 +209,47 @@ def test_update_readme_between_the_markers(tmp_path):
     with pytest.raises(SystemExit, match=re.escape(MARKERS[0])):
         update_readme(readme, "| algo |", tmp_path / "compare.png")
     assert readme.read_text() == "# title\nno markers here\n"
+
+
+def width(accs, n_problems, draws=BOOTSTRAP_DRAWS):
+    lo, hi = interval(bootstrap_means(accs, n_problems, np.random.default_rng(0), draws))
+    return hi - lo
+
+
+def test_interval_of_a_constant_has_zero_width():
+    assert interval(bootstrap_means([1.0, 1.0, 1.0], 200, np.random.default_rng(0))) == (1.0, 1.0)  # every problem
+    assert interval(bootstrap_means([0.0, 0.0], 200, np.random.default_rng(0))) == (0.0, 0.0)  # solved / none
+    assert width([0.35, 0.35, 0.35], None) == 0.0  # seeds only: equal seeds leave nothing to resample
+
+
+def test_interval_by_hand():
+    # seeds only, two seeds 0.2 and 0.4: a draw's mean is 0.2, 0.3 or 0.4 with chances 1/4, 1/2, 1/4, so the 2.5th
+    # and 97.5th percentiles are 0.2 and 0.4
+    assert interval(bootstrap_means([0.2, 0.4], None, np.random.default_rng(0))) == pytest.approx((0.2, 0.4))
+    # one seed at 0.5 on 100 problems: Binomial(100, 0.5)'s 2.5% and 97.5% quantiles are 40 and 60
+    assert interval(bootstrap_means([0.5], 100, np.random.default_rng(0))) == pytest.approx((0.40, 0.60), abs=0.011)
+
+
+def test_more_seeds_or_problems_give_narrower_intervals():
+    spread = [0.3, 0.5]
+    assert width(spread * 4, 200) < width(spread, 200)  # 8 seeds vs 2 with the same spread
+    assert width([0.4] * 3, 1000) < width([0.4] * 3, 100)  # more problems per evaluation
+    assert width(spread, None) < width(spread, 50)  # resampling the problems adds their noise
+
+
+def test_resolution_sentence():
+    finals = {"good": [0.8, 0.82, 0.79], "bad": [0.2, 0.22, 0.18], "also_bad": [0.21, 0.2, 0.19]}
+    text = resolution(finals, 200)
+    assert "good > bad" in text and "good > also_bad" in text and "bad > also_bad" not in text
+    assert "also_bad > bad" not in text
+    # two algorithms both at 0.5 on 3 seeds of 200 problems: the difference's sd is sqrt(2 * 0.25 / 600) = 0.029,
+    # so its 95% interval is about +-1.96 * 2.9 = +-5.7 points
+    text = resolution({"a": [0.5] * 3, "b": [0.5] * 3}, 200)
+    x = float(re.search(r"smaller than about ([\d.]+) points", text).group(1))
+    assert x == pytest.approx(5.7, abs=0.3) and "resolves (interval excludes 0): none" in text
+
+
+def test_eval_size():
+    assert eval_size("embedded", 200) == 200 and eval_size("embedded", None) == 200  # tiny/data/test.jsonl: 200 rows
+    assert eval_size("embedded", 1000) == 200 and eval_size("gsm8k", None) == 1319 and eval_size("math", 64) == 64
+    assert eval_size("my.jsonl", None) is None and eval_size("my.jsonl", 30) == 30
