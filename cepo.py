@@ -52,6 +52,7 @@ from common.hf_engine import HFEngine
 from common.logprobs import hidden_logprobs
 from common.reward import RewardChecker
 from common.run import REAL_MODEL, Run
+from common.stop_tokens import applies_chat_template, stop_token_ids
 from common.vllm_engine import VLLMEngine, vllm_available
 
 # ALGO LOGIC: the algorithm's own imports
@@ -394,7 +395,9 @@ if __name__ == "__main__":
     if args.beta > 0:
         ref_model, _, _ = load_model_and_tokenizer(model_path, torch.float32)
         ref_model.to(device).eval().requires_grad_(False)
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # completions end at the tokenizer's EOS, every eos id of the model's generation config, and <|im_end|> after a
+    # chat-template prompt: one stop set for both engines, in training and evaluation (common/stop_tokens.py)
+    stop_ids, pad_id = stop_token_ids(tokenizer, model_path, applies_chat_template(tokenizer)), tokenizer.pad_token_id
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and args.max_prompt_len + args.max_new_tokens > context:
         args.max_prompt_len = context - args.max_new_tokens  # prompt + completion must fit the model's context
@@ -402,11 +405,11 @@ if __name__ == "__main__":
     if args.vllm and vllm_available():  # colocated engine; the policy's weights are loaded in place before rollouts
         engine = VLLMEngine(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                             seed=args.seed, max_model_len=args.max_prompt_len + args.max_new_tokens,
-                            gpu_memory_utilization=args.vllm_gpu_memory_utilization, stop_token_ids=[eos_id])
+                            gpu_memory_utilization=args.vllm_gpu_memory_utilization, stop_token_ids=stop_ids)
     else:
         if args.vllm:
             print("vLLM is not installed: rollouts use HF generate (pip install -r requirements-gpu.txt)")
-        engine = HFEngine(model, stop_token_ids=[eos_id], pad_id=pad_id, autocast=autocast)
+        engine = HFEngine(model, stop_token_ids=stop_ids, pad_id=pad_id, autocast=autocast)
     train_set, eval_set, skipped = load_datasets(args, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))

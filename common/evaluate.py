@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     from common.data import load_model_and_tokenizer
     from common.hf_engine import HFEngine
     from common.reward import RewardChecker
+    from common.stop_tokens import applies_chat_template, stop_token_ids
     from common.vllm_engine import VLLMEngine, vllm_available
 
     args, where = resolve_settings(tyro.cli(Args, args=sys.argv[1:] if argv is None else argv))
@@ -258,17 +259,17 @@ def main(argv: list[str] | None = None) -> dict:
     if context is not None and args.max_prompt_len + args.max_new_tokens > context:
         args.max_prompt_len = context - args.max_new_tokens  # prompt + completion must fit, as in training
     examples, skipped, source = eval_examples(args, tokenizer)
-    eos_id = tokenizer.eos_token_id
+    stop_ids = stop_token_ids(tokenizer, model_path, applies_chat_template(tokenizer))  # as the scripts
     if use_vllm:  # built from the model's own files: it holds these weights already (version 0), no push
         engine = VLLMEngine(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                             seed=args.seed, max_model_len=args.max_prompt_len + args.max_new_tokens,
-                            gpu_memory_utilization=args.vllm_gpu_memory_utilization, stop_token_ids=[eos_id])
+                            gpu_memory_utilization=args.vllm_gpu_memory_utilization, stop_token_ids=stop_ids)
         engine.version = 0
         del model
         model = None
     else:
         model.to(device)
-        engine = HFEngine(model, stop_token_ids=[eos_id], pad_id=tokenizer.pad_token_id, autocast=autocast)
+        engine = HFEngine(model, stop_token_ids=stop_ids, pad_id=tokenizer.pad_token_id, autocast=autocast)
     print(f"eval: {len(examples)} problems of {source} ({skipped} skipped as longer than {args.max_prompt_len} "
           f"tokens), greedy and {args.samples} samples at temperature {args.temperature} (top-p {args.top_p}), "
           f"at most {args.max_new_tokens} new tokens, {'vLLM' if use_vllm else 'HF generate'}")

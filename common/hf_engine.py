@@ -76,6 +76,7 @@ class HFEngine:
                 out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                           max_new_tokens=max_tokens, num_return_sequences=1 if greedy else n,
                                           eos_token_id=self.stop_token_ids, pad_token_id=self.pad_id, use_cache=True,
+                                          repetition_penalty=1.0,  # not an Instruct model's generation_config 1.1
                                           **sampling)[:, width:].tolist()
         finally:
             self.model.train(was_training)
