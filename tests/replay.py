@@ -13,11 +13,12 @@ its tokenizer, the math-verify reward workers, the optimizers, checkpoints and t
     `common.hf_engine.HFEngine` (R2PO's explorer too) gets back, for each prompt it was given, the
     hand-built completion ids of that prompt, laid out as `model.generate` lays them out (the left-padded prompt,
     then the completion padded with pad_id);
-  - engine path (`engine=dict(sampler_delta=[...])`): `common.vllm_engine.VLLMEngine` and `vllm_available` are
-    replaced, before the script imports them, by `ReplayEngine`, which has the engine's calls (wake_up, sleep,
-    push_weights, generate -> RolloutBatch) and returns the hand-built completion ids AND hand-built sampler
-    log-probs: the log-prob of each completion token under the weights pushed to it (a plain HF forward at the
-    requested temperature) minus a known delta, `sampler_delta[t % len(sampler_delta)]` at completion position t.
+  - engine path (`engine=dict(sampler_delta=[...])`, `--vllm` added): `common.vllm_engine.VLLMEngine` and
+    `vllm_available` are replaced, before the script imports them, by `ReplayEngine`, which has the engine's calls
+    (wake_up, sleep, push_weights, generate -> RolloutBatch) and returns the hand-built completion ids AND
+    hand-built sampler log-probs: the log-prob of each completion token under the weights pushed to it (a plain HF
+    forward at the requested temperature) minus a known delta, `sampler_delta[t % len(sampler_delta)]` at
+    completion position t.
     A real engine's log-probs match the trainer's to ~1e-5, so truncated importance weights against it would all
     be ~1 and could not tell pi_old / pi_sampler from its inverse.
   Completions are answered by the prompt's ids (decoded, matched to a question), never by position: the script
@@ -87,12 +88,12 @@ def replay(script: str, rollouts: dict[str, list[str]], tmp_path: Path, *, flags
     """Run ROOT/script's `__main__` once on hand-built rollouts; fails the test if the script fails.
 
     rollouts: question -> the completion texts of its group (G of them); each becomes its token ids + EOS.
-    flags: the script's flags (--output-dir is set here, and --no-vllm on the HF path).
+    flags: the script's flags (--output-dir is set here, and --vllm or --no-vllm: the default is vLLM on CUDA only).
     spy: names of functions defined in the script whose calls are recorded.
     engine: None (HF generate), or dict(sampler_delta=[floats]) for the replay engine (see the module docstring).
     """
     out = tmp_path / "runs"
-    argv = [*flags, "--output-dir", str(out)] + ([] if engine else ["--no-vllm"])
+    argv = [*flags, "--output-dir", str(out)] + (["--vllm"] if engine else ["--no-vllm"])
     spec = {"script": str(ROOT / script), "argv": argv, "rollouts": rollouts, "spy": list(spy),
             "engine": engine, "records": str(tmp_path / "spy.pt")}
     spec_path = tmp_path / "replay.json"

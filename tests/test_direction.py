@@ -22,7 +22,13 @@ The bugs these tests were checked against (planted in a scratch copy of the proj
 negated in grpo.py's loop; CLIPO's bonus subtracted instead of added; R2PO's head advantages negated before the head
 loss; the truncated importance weight inverted (pi_sampler / pi_old); CEPO's wrong answer taken from the next
 group, and its gold too; all-equal groups dropped with and without --drop-zero-std-groups; ConSPO's score summed
-instead of averaged, and its coefficients negated in the loop.
+instead of averaged, and its coefficients negated in the loop. And tools/mutate.py's main-loop mutants (each killed
+by `python tools/mutate.py --only ID`): grpo's A = 0 rows skipped although beta > 0, old log-probs recomputed only
+from 3 updates on, eps_low/eps_high swapped in the loss call (grpo and r2po), --no-scale-rewards ignored; CLIPO's
+warm-up ending a step early; ConSPO's margin curriculum a step ahead and J averaged over every group.
+
+Each test runs one replay (~7 s on 2 idle cores; the grpo knob tests share one), so the file is part of the fast
+subset.
 """
 import pytest
 import torch
@@ -100,6 +106,14 @@ def loss_rows(calls):
     return [(c["caller"]["micro"], c["args"]["advantages"]) for c in calls]
 
 
+def loss_args(result, step=None):
+    """Each micro-batch's `grpo_loss` call, its arguments joined with those of the `aggregate` call that reduced its
+    per-token loss (mask, n_seqs, n_tokens): the loop calls one after the other, once per micro-batch."""
+    losses, aggs = result.calls("grpo_loss", step), result.calls("aggregate", step)
+    assert len(aggs) == len(losses), "one aggregate call per grpo_loss call"
+    return [{"micro": c["caller"]["micro"], **c["args"], **a["args"]} for c, a in zip(losses, aggs)]
+
+
 def assert_direction(before, after, advantages, what):
     """Rows with a positive advantage rose, rows with a negative one fell; at least one of each."""
     assert (advantages > 0).any() and (advantages < 0).any()
@@ -111,10 +125,9 @@ def assert_direction(before, after, advantages, what):
 
 # --- grpo.py ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_grpo_one_update_follows_the_advantages(tmp_path):
     groups = [MIXED, ALL_WRONG]
-    result, batch = run(tmp_path, "grpo.py", groups, spy=["compute_advantages", "grpo_loss"])
+    result, batch = run(tmp_path, "grpo.py", groups, spy=["compute_advantages", "grpo_loss", "aggregate"])
     (adv_call,) = result.calls("compute_advantages")
     assert torch.equal(adv_call["args"]["rewards"], batch.rewards)  # the verifier's rewards, row by row
     advantages = grpo_advantages(batch.rewards, 1e-4)
@@ -128,16 +141,75 @@ def test_grpo_one_update_follows_the_advantages(tmp_path):
     zero = advantages == 0
     assert zero.sum() == G
     assert sorted(torch.cat([mb for mb, _ in fed]).tolist()) == torch.nonzero(~zero).view(-1).tolist()
-    assert all(c["args"]["n_seqs"] == 2 * G and c["args"]["n_tokens"] == int(batch.completion_mask.sum())
-               for c in loss_calls)
+    assert all(c["n_seqs"] == 2 * G and c["n_tokens"] == int(batch.completion_mask.sum()) for c in loss_args(result))
     # one update: each positive completion's sequence log-prob rose, each negative one's fell
     before, after = batch.seq_logps(model_from(EMBEDDED_MODEL)), batch.seq_logps(model_from(result.run_dir / "final"))
     assert_direction(before, after, advantages, "log-prob")
 
 
+# --- grpo.py's knobs in the loop: --beta, --update-epochs 2, --eps-low != --eps-high, --no-scale-rewards ------------
+
+EPS_LOW, EPS_HIGH, BETA = 0.1, 0.3, 0.1
+
+
+@pytest.fixture(scope="module")
+def knobs(tmp_path_factory):
+    """One grpo.py run with every optional knob of the loop set, two updates (--update-epochs 2) on one batch."""
+    tmp_path = tmp_path_factory.mktemp("knobs")
+    return run(tmp_path, "grpo.py", [MIXED, ALL_WRONG], "--beta", str(BETA), "--eps-low", str(EPS_LOW),
+               "--eps-high", str(EPS_HIGH), "--update-epochs", "2", "--no-scale-rewards",
+               spy=["compute_advantages", "grpo_loss", "aggregate"])
+
+
+def test_grpo_eps_low_and_eps_high_reach_the_loss_each_as_itself(knobs):
+    result, _ = knobs
+    calls = loss_args(result)
+    assert len(calls) == 2  # one micro-batch per update
+    assert all(c["eps_low"] == EPS_LOW and c["eps_high"] == EPS_HIGH for c in calls)
+
+
+def test_grpo_no_scale_rewards_gives_the_loss_unscaled_advantages(knobs):
+    """--no-scale-rewards: A = r - mean r (here +-0.5), not (r - mean r) / std (+-0.866)."""
+    result, batch = knobs
+    (adv_call,) = result.calls("compute_advantages")
+    assert adv_call["args"]["scale_rewards"] is False
+    r = batch.rewards.view(-1, G)
+    unscaled = (r - r.mean(1, keepdim=True)).view(-1)
+    assert torch.allclose(adv_call["ret"][0], unscaled, atol=1e-6) and unscaled.abs().max() == 0.5
+    for c in loss_args(result):
+        assert torch.equal(c["advantages"], unscaled[c["micro"]])
+
+
+def test_grpo_beta_trains_the_zero_advantage_rows_too(knobs):
+    """With beta > 0 a row whose advantage is 0 still has a KL gradient (from the second update on, when the policy
+    has left the reference): every row is forwarded in every update, the all-wrong group's as well, against the
+    reference's log-probs (the initial model's)."""
+    result, batch = knobs
+    initial = batch.token_logps(model_from(EMBEDDED_MODEL))
+    for c in loss_args(result):
+        assert sorted(c["micro"].tolist()) == list(range(2 * G))
+        assert c["beta"] == BETA
+        mask = c["mask"].bool()
+        assert torch.allclose(c["ref_logps"][mask], initial[c["micro"]][:, : mask.shape[1]][mask], atol=1e-5)
+
+
+def test_grpo_two_updates_keep_the_rollout_policy_as_pi_old(knobs):
+    """--update-epochs 2: both updates read pi_old from the no-grad pass before the first step (the initial model),
+    the second update's rho differs from 1 (its policy has stepped)."""
+    result, batch = knobs
+    first, second = loss_args(result)
+    initial = batch.token_logps(model_from(EMBEDDED_MODEL))
+    for c in (first, second):
+        mask = c["mask"].bool()
+        assert torch.allclose(c["old_logps"][mask], initial[c["micro"]][:, : mask.shape[1]][mask], atol=1e-5)
+    order = second["micro"].argsort()
+    assert torch.equal(first["old_logps"][first["micro"].argsort()], second["old_logps"][order])
+    mask = second["mask"].bool()
+    assert (second["logps"] - second["old_logps"])[mask].abs().max() > 1e-6  # the first update moved the policy
+
+
 # --- the engine path: truncated importance sampling and dropped groups -------------------------------------------
 
-@pytest.mark.slow
 def test_tis_weights_are_pi_old_over_pi_sampler_and_zero_std_groups_drop(tmp_path):
     """grpo.py on the engine path (tests/replay.py's ReplayEngine): the sampler's log-prob of completion token t is
     the pushed weights' minus delta[t], so pi_old / pi_sampler = e^delta[t], capped at --tis-cap; some deltas put the
@@ -145,12 +217,12 @@ def test_tis_weights_are_pi_old_over_pi_sampler_and_zero_std_groups_drop(tmp_pat
     cap, delta = 2.0, [0.0, 1.0, -0.5, 2.0, 0.3]
     groups = [MIXED, ALL_WRONG, ALL_RIGHT]
     result, batch = run(tmp_path, "grpo.py", groups, "--tis-cap", str(cap), "--drop-zero-std-groups",
-                        spy=["grpo_loss"], engine=dict(sampler_delta=delta))
+                        spy=["grpo_loss", "aggregate"], engine=dict(sampler_delta=delta))
     assert batch.sampling_logps is not None  # the engine's log-probs reached the batch
-    loss_calls = result.calls("grpo_loss")
+    loss_calls = loss_args(result)
     mixed = torch.tensor([q == ZOE for q in batch.questions])
-    for call in loss_calls:
-        mb, args = call["caller"]["micro"], call["args"]
+    for args in loss_calls:
+        mb = args["micro"]
         mask = args["mask"].bool()
         # completion position of each masked token: 0, 1, 2, ... along each row
         position = (mask.long().cumsum(1) - 1)[mask]
@@ -163,7 +235,7 @@ def test_tis_weights_are_pi_old_over_pi_sampler_and_zero_std_groups_drop(tmp_pat
         assert args["n_seqs"] == G and args["n_tokens"] == int(batch.completion_mask[mixed].sum())
         assert bool(mixed[mb].all())
     assert len(loss_calls) >= 1
-    weights = torch.cat([c["args"]["is_weights"][c["args"]["mask"].bool()] for c in loss_calls])
+    weights = torch.cat([c["is_weights"][c["mask"].bool()] for c in loss_calls])
     assert (weights == cap).any() and (weights < 1).any() and (weights > 1).any()
 
 
@@ -172,7 +244,6 @@ def test_tis_weights_are_pi_old_over_pi_sampler_and_zero_std_groups_drop(tmp_pat
 CLIPO_GROUP = (ZOE, 42, ["\\boxed{42}", "\\boxed{40+2}", "\\boxed{042}", "\\boxed{41}"], [1, 1, 1, 0])
 
 
-@pytest.mark.slow
 def test_clipo_shapes_the_reward_with_its_bonus_and_the_policy_follows_the_shaped_advantages(tmp_path):
     """Three different correct completions (anchors) and a wrong one. With lambda = 1 and the floor at -1 (defaults
     0.2 and -0.5, which leave every anchor's shaped reward above the group mean here), the seeded head's InfoNCE puts
@@ -208,6 +279,16 @@ def test_clipo_shapes_the_reward_with_its_bonus_and_the_policy_follows_the_shape
     assert_direction(before, after, shaped, "log-prob")
 
 
+def test_clipo_head_warmup_step_trains_the_head_alone(tmp_path):
+    """--head-warmup-steps 1: step 1 trains the contrastive head and leaves the policy as it was (no policy loss at
+    all); with 0 (the test above) step 1 trains the policy."""
+    result, _ = run(tmp_path, "clipo.py", [CLIPO_GROUP, ALL_WRONG], "--head-warmup-steps", "1",
+                    spy=["contrastive_bonus", "grpo_loss"])
+    assert len(result.calls("contrastive_bonus")) == 1 and result.calls("grpo_loss") == []
+    initial, final = model_from(EMBEDDED_MODEL).state_dict(), model_from(result.run_dir / "final").state_dict()
+    assert all(torch.equal(v, initial[k]) for k, v in final.items())
+
+
 # --- conspo.py ----------------------------------------------------------------------------------------------------
 
 def test_conspo_score_is_length_normalised():
@@ -221,7 +302,6 @@ def test_conspo_score_is_length_normalised():
     assert s_once.item() == pytest.approx(-2.0) and s_twice.item() == pytest.approx(-2.0)
 
 
-@pytest.mark.slow
 def test_conspo_one_update_raises_positive_scores_and_lowers_negative_ones(tmp_path):
     groups = [MIXED, ALL_WRONG]
     result, batch = run(tmp_path, "conspo.py", groups, spy=["group_infonce", "conspo_loss"])
@@ -235,15 +315,16 @@ def test_conspo_one_update_raises_positive_scores_and_lowers_negative_ones(tmp_p
     mixed = torch.tensor([q == ZOE for q in batch.questions])
     assert (coefs[~mixed] == 0).all()
     assert ((coefs[mixed] > 0) == (batch.rewards[mixed] > 0)).all() and (coefs[mixed] != 0).all()
+    assert infonce["args"]["margin"] == 0.0  # the curriculum's step 1 is progress 0: no margin yet
     for call in result.calls("conspo_loss"):
         assert torch.equal(call["args"]["coefs"], coefs[call["caller"]["micro"]])
+        assert call["args"]["n_groups"] == 1  # J is averaged over the kept (mixed) groups: one of the two
     after = batch.seq_logps(model_from(result.run_dir / "final")) / n_tokens
     assert_direction(before, after, coefs, "score")
 
 
 # --- cepo.py ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_cepo_teachers_read_each_rollouts_own_answers_and_the_update_follows_sign_a(tmp_path):
     """Three groups, three wrong answers: ZOE's mixed group (41), ANNA's all wrong (31, not trained: A = 0) and SAM's
     all right (none). The teachers must read each rollout's own gold and its own group's wrong answer."""
@@ -282,7 +363,7 @@ def test_cepo_teachers_read_each_rollouts_own_answers_and_the_update_follows_sig
         assert (delta[i][~mask] == 0).all()
     # the per-token advantages: A_i from the verifier's rewards, weighted by the teachers' evidence
     (adv_call,) = result.calls("cepo_advantages")
-    advantages = grpo_advantages(batch.rewards, 1e-6)
+    advantages = grpo_advantages(batch.rewards, 1e-4)  # --adv-eps: cepo.py's default is grpo.py's
     assert torch.allclose(adv_call["args"]["advantages"].cpu(), advantages, atol=1e-5)
     assert torch.equal(adv_call["args"]["delta"], delta) and adv_call["args"]["lam"] == 0.5
     a, mask = advantages.unsqueeze(1), batch.completion_mask.bool()
@@ -297,7 +378,6 @@ def test_cepo_teachers_read_each_rollouts_own_answers_and_the_update_follows_sig
 
 # --- r2po.py ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_r2po_head_round_trains_the_explorer_toward_rare_outcomes_then_a_policy_step_is_grpo(tmp_path):
     """Step 1 is a head round, step 2 a policy step (--head-steps 1 --policy-steps 1), checkpoints after each. The
     mixed group has three right and one wrong: GRPO favours the right ones, the head's inverse frequency the rare
@@ -307,8 +387,11 @@ def test_r2po_head_round_trains_the_explorer_toward_rare_outcomes_then_a_policy_
 
     groups = [(ZOE, 42, ["\\boxed{42}", "\\boxed{42}", "\\boxed{41}", "\\boxed{42}"], [1, 1, 0, 1]), ALL_WRONG]
     result, batch = run(tmp_path, "r2po.py", groups, "--head-steps", "1", "--policy-steps", "1", "--total-steps",
-                        "2", "--save-every", "1", "--head-learning-rate", "1",
-                        spy=["compute_advantages", "head_advantages", "grpo_loss"])
+                        "2", "--save-every", "1", "--head-learning-rate", "1", "--eps-low", str(EPS_LOW),
+                        "--eps-high", str(EPS_HIGH), spy=["compute_advantages", "head_advantages", "grpo_loss"])
+    # both stages' losses get --eps-low and --eps-high each as itself
+    assert all(c["args"]["eps_low"] == EPS_LOW and c["args"]["eps_high"] == EPS_HIGH
+               for c in result.calls("grpo_loss"))
     state = [load_checkpoint(str(result.run_dir / "checkpoints" / f"step_{k:08d}"))[0] for k in (1, 2)]
     initial = model_from(EMBEDDED_MODEL)
     config = initial.config
