@@ -323,7 +323,8 @@ if __name__ == "__main__":
         metrics = {}
         # TRY NOT TO MODIFY: rollout phase (generate, then verify)
         batch = step_prompts(train_set, args.seed, global_step, args.prompts_per_step)
-        rollout = train_engine.rollout(model, global_step, [e.prompt_ids for e in batch], n=args.group_size,
+        # the engine's weights are named by the updates they hold: global_step - 1 here, global_step at the eval below
+        rollout = train_engine.rollout(model, global_step - 1, [e.prompt_ids for e in batch], n=args.group_size,
                                        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
                                        seed=args.seed * 1_000_003 + global_step)  # one seed per (seed, step) pair
         metrics["time/sync_weights"], metrics["time/generate"] = rollout.sync_seconds, rollout.seconds

@@ -170,15 +170,14 @@ def test_default_path(uninterrupted):
     assert [r["step"] for r in rows] == list(range(STEPS + 1))
     assert all(math.isfinite(v) for r in rows for v in r.values())
     assert all("eval/accuracy" in rows[s] for s in (0, 2, 4))
-    # vLLM's own log line of an in-place weight push (the engine evaluates in every script)
-    assert "Reloading and processing weights" in p.stdout + p.stderr
     for r in rows[1:]:
         if script == "r2po.py":  # training rollouts come from the explorer (HF generate): no engine in them
             assert r["time/sync_weights"] == 0 and "sampling/sampling_logp_difference/mean" not in r
             continue
-        # the trainer's weights were pushed before the rollouts, and the engine's log-probs of the sampled tokens
-        # match the trainer's (fp32 on both sides: ~1e-6; a stale engine is off by far more)
-        assert r["time/sync_weights"] > 0
+        # the trainer's weights were pushed before the rollouts (unless the previous step's evaluation pushed them,
+        # after its update), and the engine's log-probs of the sampled tokens match the trainer's (fp32 on both
+        # sides: ~1e-6; a stale engine is off by far more)
+        assert (r["time/sync_weights"] > 0) == ("eval/accuracy" not in rows[r["step"] - 1]), r
         assert r["sampling/sampling_logp_difference/mean"] < 1e-4, r
         assert r["sampling/sampling_logp_difference/max"] < 1e-3, r
     initial, final = load_file(ROOT / "tiny" / "model" / "model.safetensors"), final_weights(run_a)
