@@ -178,7 +178,7 @@ def test_cli_hf_engine(tmp_path, tiny):
 def test_cli_vllm_engine(tmp_path, tiny):
     pytest.importorskip("vllm")
     out = tmp_path / "res.json"
-    p = run_cli("--model", "embedded", "--limit", str(LIMIT), "--samples", str(K), "--output", str(out))
+    p = run_cli("--model", "embedded", "--vllm", "--limit", str(LIMIT), "--samples", str(K), "--output", str(out))
     res = check_results(p, out, "vllm")
     assert res["greedy_accuracy"] == pytest.approx(greedy_by_evaluate(tiny))
     assert [r["greedy"] for r in res["per_problem"]] == greedy_by_hand(tiny)
