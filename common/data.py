@@ -72,23 +72,14 @@ def load_tokenizer(path: str):
     else:
         tok = AutoTokenizer.from_pretrained(path)
     if tok.eos_token_id is None and local.is_dir():
-        eos = _model_eos_id(local)
-        if eos is not None:
-            tok.eos_token = tok.convert_ids_to_tokens(eos)
+        from common.stop_tokens import model_eos_ids
+
+        eos = model_eos_ids(local)
+        if eos:
+            tok.eos_token = tok.convert_ids_to_tokens(eos[0])
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def _model_eos_id(model_dir: Path) -> int | None:
-    """The first eos id of generation_config.json, else of config.json, else None."""
-    for name in ("generation_config.json", "config.json"):
-        f = model_dir / name
-        eos = json.loads(f.read_text()).get("eos_token_id") if f.is_file() else None
-        eos = eos[0] if isinstance(eos, list) and eos else eos
-        if isinstance(eos, int):
-            return eos
-    return None
 
 
 # Written next to a saved tokenizer that plain `AutoTokenizer` would otherwise rebuild with another class (see

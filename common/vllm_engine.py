@@ -28,6 +28,8 @@ from functools import cache
 import numpy as np
 import torch
 
+from common.stop_tokens import model_eos_ids
+
 
 @dataclass
 class RolloutBatch:
@@ -104,21 +106,6 @@ def vllm_available() -> bool:
     return True
 
 
-def _eos_token_ids(model_dir: str) -> list[int]:
-    """The eos id(s) of generation_config.json, else of config.json (either may be an int or a list)."""
-    from transformers import AutoConfig, GenerationConfig
-
-    try:
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    except OSError:  # no generation_config.json
-        eos = None
-    if eos is None:
-        eos = AutoConfig.from_pretrained(model_dir).get_text_config().eos_token_id
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
 def checkpoint_tensors(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF checkpoint name, detached tensor in `dtype`) for every parameter and persistent buffer.
 
@@ -158,7 +145,7 @@ class VLLMEngine:
         self.sleep_mode = self.on_cuda if enable_sleep_mode is None else enable_sleep_mode
         self.asleep = False
         self.version = None  # what `rollout` last loaded (e.g. the trainer's step)
-        self.stop_token_ids = list(dict.fromkeys(_eos_token_ids(model_dir) + list(stop_token_ids)))
+        self.stop_token_ids = list(dict.fromkeys(model_eos_ids(model_dir) + list(stop_token_ids)))
         if not self.stop_token_ids:
             raise ValueError(f"{model_dir} has no eos_token_id: pass stop_token_ids, or completions never end")
         threads = torch.get_num_threads()

@@ -335,7 +335,7 @@ MUTANTS = [
     M("vllm.name-prefix-dropped", "common/vllm_engine.py", "checkpoint_tensors", "yield name, tensor.to(dtype)",
       "yield name.removeprefix(\"model.\"), tensor.to(dtype)", "weight names without HF's `model.` prefix"),
     M("vllm.stop-ids-dropped", "common/vllm_engine.py", "VLLMEngine.__init__",
-      "_eos_token_ids(model_dir) + list(stop_token_ids)", "_eos_token_ids(model_dir)",
+      "model_eos_ids(model_dir) + list(stop_token_ids)", "model_eos_ids(model_dir)",
       "dropped term: extra stop ids are ignored"),
     M("vllm.prefix-cache-kept", "common/vllm_engine.py", "VLLMEngine.load_weights", "self.llm.reset_prefix_cache()",
       "pass", "dropped: cached prompt KV blocks of the old weights are reused"),
