@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import dist
 from common.data import load_datasets, load_model_and_tokenizer, step_prompts
 from common.evaluate import evaluate
 from common.hf_engine import HFEngine
@@ -101,6 +102,8 @@ class Args:
     """roll out with the colocated vLLM engine (default on CUDA); on CPU HF generate is faster for the tiny model"""
     vllm_gpu_memory_utilization: float = 0.3
     """the share of GPU memory vLLM may take (its weights and KV cache; it sleeps while the trainer steps)"""
+    vllm_tensor_parallel_size: int = 1
+    """under torchrun: ranks per vLLM engine (a model too large for one GPU's share); 1: one engine per rank"""
     tis_cap: Optional[float] = None
     """truncated importance sampling: weight each token by min(pi_old / pi_vllm, cap) (off: None)"""
 
@@ -261,6 +264,7 @@ def grpo_loss(logps, old_logps, advantages, *, eps_low, eps_high, beta=0.0, ref_
 
 
 @torch.no_grad()
+@dist.fsdp_forward
 def pooled_hidden(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
     """h_i: the mean over a response's tokens of the last layer's hidden states after the final norm (the decoder's
     last_hidden_state == `hidden_states[-1]` of the HF forward), fp32, (b, d). No grad: CLIPO never trains the
@@ -328,16 +332,18 @@ def contrastive_bonus(head, head_optimizer, hidden, rewards, group_size, generat
     losses = group_infonce(head(hidden), positives, group_size, tau, eps)  # (B*G,)
     bonus = torch.where(is_anchor, (-coef * losses.detach()).clamp(min=floor), torch.zeros_like(losses))
     n_anchors, loss = int(is_anchor.sum()), torch.zeros(())
-    if n_anchors:  # a batch without anchors leaves the head as it is
-        loss = losses[is_anchor].mean()
+    if dist.total(n_anchors):  # a batch without anchors leaves the head as it is (torchrun: no rank has one)
+        loss = losses[is_anchor].sum() / dist.mean(n_anchors)  # torchrun: with sync_grads, the mean over all anchors
         head_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dist.sync_grads(head)  # torchrun: the replicated head's gradients, averaged over ranks
         head_optimizer.step()
     stats = {"clipo/contrastive_loss": float(loss.detach()), "clipo/frac_anchors": n_anchors / len(rewards),
              "clipo/mean_bonus": float(bonus.sum()) / max(n_anchors, 1)}  # mean over the anchors
     return bonus.cpu(), stats
 
 # TRY NOT TO MODIFY: log-probs and the batch layout
+@dist.fsdp_forward  # under torchrun (FSDP2) this runs as a forward of `model`, with its sharded weights gathered
 def get_logps(model, input_ids, attention_mask, temperature, backend, with_entropy=False):
     """Per-token log-probs of input_ids[:, 1:] under softmax(logits / T), fp32, (b, L-1); optionally entropy.
 
@@ -375,7 +381,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.device()  # cuda (this rank's GPU under torchrun) or cpu
     # fp32 master weights everywhere; bf16 compute on CUDA via autocast (lr 1e-6 updates vanish in bf16 weights)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     model, tokenizer, model_path = load_model_and_tokenizer(args.model, torch.float32)
@@ -383,10 +389,11 @@ if __name__ == "__main__":
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
+    model = dist.shard(model)  # under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and AdamW states
     ref_model = None
     if args.beta > 0:
         ref_model, _, _ = load_model_and_tokenizer(model_path, torch.float32)
-        ref_model.to(device).eval().requires_grad_(False)
+        dist.shard(ref_model.to(device).eval().requires_grad_(False))
     # completions end at the tokenizer's EOS, every eos id of the model's generation config, and <|im_end|> after a
     # chat-template prompt: one stop set for both engines, in training and evaluation (common/stop_tokens.py)
     stop_ids, pad_id = stop_token_ids(tokenizer, model_path, applies_chat_template(tokenizer)), tokenizer.pad_token_id
@@ -397,7 +404,8 @@ if __name__ == "__main__":
     if args.vllm and vllm_available():  # colocated engine; the policy's weights are loaded in place before rollouts
         engine = VLLMEngine(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                             seed=args.seed, max_model_len=args.max_prompt_len + args.max_new_tokens,
-                            gpu_memory_utilization=args.vllm_gpu_memory_utilization, stop_token_ids=stop_ids)
+                            gpu_memory_utilization=args.vllm_gpu_memory_utilization, stop_token_ids=stop_ids,
+                            tensor_parallel_size=args.vllm_tensor_parallel_size)
     else:
         if args.vllm:
             print("vLLM is not installed: rollouts use HF generate (pip install -r requirements-gpu.txt)")
@@ -413,18 +421,11 @@ if __name__ == "__main__":
     head_optimizer = torch.optim.AdamW(head.parameters(), lr=args.head_lr, weight_decay=args.head_weight_decay)
     algo_state, train_engine = {"contrastive_head": head, "contrastive_head_optimizer": head_optimizer}, engine
 
-    # TRY NOT TO MODIFY: resume: what a checkpoint holds (Run.save adds the RNG states, the step and the flags)
-    def state_dicts() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "algo": {name: obj.state_dict() for name, obj in algo_state.items()}}
-
+    # TRY NOT TO MODIFY: resume: what a checkpoint holds, each object's state_dict() (Run.save adds the RNG states,
+    # the step and the flags; under torchrun the sharded model and optimizer go through torch.distributed.checkpoint)
+    saved = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "algo": algo_state}
     if run.state:
-        model.load_state_dict(run.state["model"])
-        optimizer.load_state_dict(run.state["optimizer"])
-        scheduler.load_state_dict(run.state["scheduler"])
-        for name, obj in algo_state.items():
-            obj.load_state_dict(run.state["algo"][name])
-        run.restore_rng()
+        run.load(saved)  # every object's state back, then the RNG states
     if run.step == 0 and eval_set:
         accuracy, seconds = evaluate(engine, model, 0, eval_set, tokenizer, checker, args.max_new_tokens)
         run.log({"eval/accuracy": accuracy, "time/eval": seconds}, 0)
@@ -511,12 +512,13 @@ if __name__ == "__main__":
         for epoch in range(args.update_epochs):
             for mb_inds in torch.randperm(N).chunk(args.num_minibatches):
                 mb_in_loss = mb_inds[in_loss[mb_inds]]  # what the loss's normalisers count
-                n_seqs, n_tokens = len(mb_in_loss), max(int(b_mask[mb_in_loss].sum()), 1)
+                # means over ranks under torchrun: FSDP averages the ranks' gradients, so these make it the batch's
+                n_seqs, n_tokens = dist.mean(len(mb_in_loss), int(b_mask[mb_in_loss].sum()))
                 mb_trained = mb_inds[needs_grad[mb_inds]]  # what is forwarded and back-propagated
                 update_optimizer.zero_grad(set_to_none=True)
-                for micro in mb_trained.split(micro_size) if len(mb_trained) else []:
+                for micro, pad in dist.micro_batches(mb_trained, micro_size, pad=mb_inds[:1]):
                     L = int(b_attention_mask[micro].sum(1).max())
-                    micro_mask = b_mask[micro, : L - 1]
+                    micro_mask = b_mask[micro, : L - 1] * (not pad)  # torchrun's padding micro-batches add nothing
                     with autocast:
                         logps, entropy = update_logps(model, b_input_ids[micro, :L], b_attention_mask[micro, :L],
                                                       args.temperature, args.logprob_backend, with_entropy=True)
@@ -538,7 +540,7 @@ if __name__ == "__main__":
                     stats_sum["loss"] += loss.item() / num_updates
                     for k, v in stats.items():  # per token of the mini-batch's loss, averaged over updates
                         stats_sum[k] = stats_sum.get(k, 0.0) + float((v * micro_mask).sum()) / n_tokens / num_updates
-                grad_norm = torch.nn.utils.clip_grad_norm_(update_module.parameters(), args.max_grad_norm)
+                grad_norm = dist.clip_grad_norm_(update_module, args.max_grad_norm)
                 run.check_grad_norm(grad_norm, global_step)  # NaN/inf: stop before the step, name the last checkpoint
                 update_optimizer.step()
                 update_scheduler.step()
@@ -568,7 +570,7 @@ if __name__ == "__main__":
         run.log(metrics, global_step)  # metrics.jsonl (+ wandb); a NaN/inf metric stops the run here
         progress.set_postfix(reward=f"{float(metrics['reward']):.3f}", acc=f"{last_acc:.3f}")
         if run.should_save(global_step):  # every --save-every steps, and on SIGINT/SIGTERM
-            run.save(global_step, state_dicts())
+            run.save(global_step, saved)
         if run.stop_requested:
             run.exit(global_step)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import dist
+
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = ROOT / "tiny" / "model"
 EMBEDDED_TRAIN = ROOT / "tiny" / "data" / "train.jsonl"
@@ -106,8 +108,9 @@ def _same_tokenizer(a, b) -> bool:
                                                                                       b.bos_token)
 
 
-def save_model_and_tokenizer(model, tokenizer, path) -> None:
-    """`model.save_pretrained` + `tokenizer.save_pretrained`, such that both the project's loader and plain
+def save_model_and_tokenizer(model, tokenizer, path, state_dict: dict | None = None) -> None:
+    """`model.save_pretrained` (of `state_dict` when given: a sharded model's gathered weights) +
+    `tokenizer.save_pretrained`, such that both the project's loader and plain
     `AutoTokenizer.from_pretrained(path)` / `AutoModelForCausalLM.from_pretrained(path)` load them back exactly.
 
     transformers 5.19's `AutoTokenizer` gives a qwen2 model `Qwen2Tokenizer` (see load_tokenizer), which encodes a
@@ -121,7 +124,11 @@ def save_model_and_tokenizer(model, tokenizer, path) -> None:
     from transformers import AutoTokenizer
 
     path = Path(path)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+    if type(model).__name__.startswith("FSDP"):  # FSDP2 subclasses the model's class; the saved name is the model's
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["architectures"] = [type(model).__name__[len("FSDP"):]]
+        (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     tokenizer.save_pretrained(path)
     if not getattr(tokenizer, "is_fast", False):
         return  # a slow (python) tokenizer has no tokenizer.json: AutoTokenizer rebuilds it from its own files
@@ -290,9 +297,9 @@ def load_datasets(args, tokenizer) -> tuple[list[Example], list[Example], int]:
 
 def step_prompts(examples: list[Example], seed: int, step: int, prompts_per_step: int) -> list[Example]:
     """The prompts of rollout step `step` (1-based): epoch e walks a permutation seeded by (seed, e), so a resumed
-    run needs nothing but the step to continue the data order."""
+    run needs nothing but the step to continue the data order. Under torchrun: this rank's contiguous share."""
     batch = []
     for pos in range((step - 1) * prompts_per_step, step * prompts_per_step):
         epoch, i = divmod(pos, len(examples))
         batch.append(examples[np.random.default_rng([seed, epoch]).permutation(len(examples))[i]])
-    return batch
+    return dist.share(batch)

@@ -23,6 +23,8 @@ from typing import Literal, Optional
 
 import torch
 
+from common import dist
+
 
 def greedy_scores(engine, model, version, examples, tokenizer, checker, max_tokens: int,
                   batch_size: int = 256) -> list[float]:
@@ -42,8 +44,15 @@ def evaluate(engine, model, version, examples, tokenizer, checker, max_tokens: i
     """(share of `examples` whose greedy completion the checker accepts, seconds). `engine.rollout` loads the
     model's weights first when `version` (the trainer's step) is not the one it holds."""
     start = time.time()
-    scores = greedy_scores(engine, model, version, examples, tokenizer, checker, max_tokens, batch_size)
-    return sum(scores) / max(len(examples), 1), time.time() - start
+    if dist.WORLD == 1:
+        scores = greedy_scores(engine, model, version, examples, tokenizer, checker, max_tokens, batch_size)
+        return sum(scores) / max(len(examples), 1), time.time() - start
+    # under torchrun: each rank scores every WORLD-th example, padded to one length (the same number of generate
+    # calls on every rank: a sharded model's forward is a collective), and the correct counts are summed
+    mine = examples[dist.RANK :: dist.WORLD]
+    padded = mine + examples[: -(-len(examples) // dist.WORLD) - len(mine)]
+    scores = greedy_scores(engine, model, version, padded, tokenizer, checker, max_tokens, batch_size)
+    return dist.total(sum(scores[: len(mine)])) / max(len(examples), 1), time.time() - start
 
 
 def sample_correct(engine, model, version, examples, tokenizer, checker, max_tokens: int, n: int,

@@ -8,8 +8,11 @@ policy is trained on it.
 
 Differences that remain, by design:
 - `logprobs` is None here: the sampler IS the trainer's model, so its log-probs are the trainer's own.
-- `seed` is ignored: HF sampling draws from torch's global generator, which `--seed` seeds and checkpoints
-  save and restore, so a resumed run samples the same completions.
+- `seed` is ignored in one process: HF sampling draws from torch's global generator, which `--seed` seeds and
+  checkpoints save and restore, so a resumed run samples the same completions. Under torchrun each rank samples
+  from its own stream seeded by (seed, rank) (common/dist.py), and `generate` runs with `synced_gpus` (a sharded
+  model's forward is a collective: a rank whose completions have all stopped keeps stepping until every rank's
+  have).
 - `residual`: a module whose output is added to the LM head's logits while sampling (R2PO's rollout head:
   logits = lm_head(h) + head(h)); vLLM cannot do that without a model class of its own.
 """
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from common import dist
 from common.vllm_engine import RolloutBatch
 
 
@@ -71,12 +75,17 @@ class HFEngine:
                 lambda module, inputs, logits: logits + self.residual(inputs[0]))
         was_training = self.model.training
         self.model.eval()
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) \
+            if dist.WORLD > 1 and seed is not None else contextlib.nullcontext()
         try:
-            with self.autocast:
+            with self.autocast, rng:
+                if dist.WORLD > 1 and seed is not None:
+                    torch.manual_seed(dist.rank_seed(seed))
                 out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                           max_new_tokens=max_tokens, num_return_sequences=1 if greedy else n,
                                           eos_token_id=self.stop_token_ids, pad_token_id=self.pad_id, use_cache=True,
                                           repetition_penalty=1.0,  # not an Instruct model's generation_config 1.1
+                                          synced_gpus=dist.ON,
                                           **sampling)[:, width:].tolist()
         finally:
             self.model.train(was_training)

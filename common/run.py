@@ -40,8 +40,8 @@ from pathlib import Path
 
 import tyro
 
-from common import vllm_engine
-from common.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common import dist, vllm_engine
+from common.checkpoint import list_checkpoints, load_checkpoint, load_objects, save_objects, set_rng_state
 from common.data import DEFAULT_INSTRUCTION, EMBEDDED_INSTRUCTION, EMBEDDED_MODEL, UserError, save_model_and_tokenizer
 
 # A real model's settings (the papers': 1k-token responses, micro-batches that fit a GPU, gradient checkpointing,
@@ -66,6 +66,8 @@ CHECKS = {
     "temperature": (lambda v: v > 0, "> 0 (log-probs are computed at this temperature; 0 is greedy, not a policy)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "vllm_gpu_memory_utilization": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "vllm_tensor_parallel_size": (lambda v: v >= 1 and dist.WORLD % v == 0,
+                                  f">= 1 and divide the number of ranks ({dist.WORLD}): an engine is a group of ranks"),
     "tis_cap": (_none_or(lambda v: v > 0), "> 0, or None (off)"),
     "total_steps": (lambda v: v >= 1, ">= 1"),
     "learning_rate": (lambda v: v > 0, "> 0"),
@@ -119,6 +121,9 @@ def check_flags(args) -> None:
     """One UserError naming every flag with an invalid value or combination, and what is valid."""
     errors = [f"{flag(name)} {getattr(args, name)!r} is invalid: it must be {what}"
               for name, (valid, what) in CHECKS.items() if hasattr(args, name) and not valid(getattr(args, name))]
+    if dist.WORLD > 1 and hasattr(args, "prompts_per_step") and args.prompts_per_step % dist.WORLD:
+        errors.append(f"--prompts-per-step {args.prompts_per_step} is invalid under torchrun with {dist.WORLD} ranks: "
+                      f"each rank takes whole groups, so it must be a multiple of {dist.WORLD}")
     if not errors and hasattr(args, "num_minibatches"):
         n = args.prompts_per_step * args.group_size
         if args.num_minibatches > n:
@@ -178,6 +183,7 @@ class Run:
 
     def __init__(self, Args, real_model: dict, argv: list[str] | None = None):
         self.start_time = time.time()
+        dist.init()  # under torchrun: join the job (rank 0 alone prints and writes); one process: nothing
         argv = sys.argv[1:] if argv is None else argv
         self.script = os.path.basename(getattr(sys.modules.get(Args.__module__), "__file__", None) or "grpo.py")
         args = tyro.cli(Args, args=argv)
@@ -202,7 +208,7 @@ class Run:
             else:
                 print(f"preset: embedded ({why}): "
                       f"{', '.join(f'{k}={getattr(args, k)}' for k in real_model if hasattr(args, k))}")
-            args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+            args.run_name = dist.broadcast(f"{args.exp_name}__{args.seed}__{int(time.time())}")
             self.dir = Path(args.output_dir) / args.run_name
         if args.instruction is None:
             args.instruction = EMBEDDED_INSTRUCTION if args.dataset == "embedded" else DEFAULT_INSTRUCTION
@@ -210,13 +216,13 @@ class Run:
         self.args = args
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / ".write_test").touch()
-            (self.dir / ".write_test").unlink()
+            (self.dir / f".write_test{dist.RANK}").touch()
+            (self.dir / f".write_test{dist.RANK}").unlink()
         except OSError as e:
             raise UserError(f"output directory {str(self.dir)!r} is not writable ({e.strerror}). "
                             f"Pass --output-dir a folder you can write to.") from None
         self.metrics_path = self.dir / "metrics.jsonl"
-        if self.metrics_path.exists():  # drop the lines a killed run wrote after its last checkpoint
+        if self.metrics_path.exists() and dist.is_main():  # drop the lines a killed run wrote after its last checkpoint
             lines = [l for l in self.metrics_path.read_text().splitlines() if json.loads(l)["step"] <= self.step]
             self.metrics_path.write_text("".join(l + "\n" for l in lines))
         # every metric of the run, for the summary; a resumed run's earlier steps come from metrics.jsonl
@@ -224,7 +230,7 @@ class Run:
             if self.step and self.metrics_path.exists() else []
         self.rows_before = len(self.rows)
         self.wandb_id = self.state["wandb_id"] if self.state else None
-        if args.track:
+        if args.track and dist.is_main():
             import wandb
 
             # a new run gets its id from wandb; checkpoints keep it, so a resumed run continues the same wandb run
@@ -236,8 +242,10 @@ class Run:
         for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, save, exit cleanly
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
 
-    def restore_rng(self) -> None:
-        """The RNG states of the checkpoint: call it after every object that draws random numbers at creation."""
+    def load(self, objects: dict) -> None:
+        """Resume: each object's state from the checkpoint (`objects` is laid out as given to `save`), then the RNG
+        states. Call it after every object that draws random numbers at creation."""
+        load_objects(self.checkpoint_path, self.state, objects)
         set_rng_state(self.state["rng"])
         print(f"resumed {self.args.run_name} at step {self.step} from {self.checkpoint_path}")
 
@@ -254,16 +262,19 @@ class Run:
                             f"rate or check the data.")
 
     def log(self, metrics: dict, step: int) -> None:
-        """One line of metrics.jsonl (and wandb with --track); a non-finite metric stops the run first."""
-        metrics = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        """One line of metrics.jsonl (and wandb with --track); a non-finite metric stops the run first. Under
+        torchrun every rank calls it, and rank 0 writes the metrics of all ranks, reduced (common/dist.py)."""
+        metrics = {"step": step, **dist.reduce_metrics({k: float(v) for k, v in metrics.items()})}
         for key, value in metrics.items():
             if not math.isfinite(value):
                 _close_progress_bars()
                 raise UserError(f"step {step}: metric {key} is {value}. Last good checkpoint: "
                                 f"{self.last_checkpoint()}.")
+        self.rows.append(metrics)
+        if not dist.is_main():
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        self.rows.append(metrics)
         if self.args.track:
             import wandb
 
@@ -277,23 +288,38 @@ class Run:
         return bool(self.signals)
 
     def should_save(self, step: int) -> bool:
+        if dist.any_rank(self.stop_requested):  # under torchrun a signal to any rank stops all of them
+            self.signals = self.signals or [signal.SIGTERM]
         return bool(self.args.save_every and step % self.args.save_every == 0) or self.stop_requested
 
-    def save(self, step: int, state: dict) -> Path:
-        """A checkpoint of `state` (the script's state dicts) with the RNG states, the step, the flags, the wandb id."""
-        state = {**state, "rng": rng_state(), "step": step, "wandb_id": self.wandb_id, "run_name": self.args.run_name,
-                 "args": asdict(self.args), "preset": self.preset}
-        return save_checkpoint(self.dir / "checkpoints", step, state, self.args.keep_last)
+    def save(self, step: int, objects: dict) -> Path:
+        """A checkpoint of `objects` (the script's model, optimizer, ...: each saved by its state_dict(), nested dicts
+        kept) with the RNG states, the step, the flags, the wandb id. Under torchrun the sharded model and optimizer
+        are written by every rank with torch.distributed.checkpoint (common/checkpoint.py)."""
+        meta = {"step": step, "wandb_id": self.wandb_id, "run_name": self.args.run_name, "args": asdict(self.args),
+                "preset": self.preset}
+        return save_objects(self.dir / "checkpoints", step, objects, meta, self.args.keep_last)
 
     def exit(self, step: int) -> None:
         print(f"stopped by signal {self.signals[0]} after step {step}; resume with --resume {self.dir}")
+        dist.close()
         sys.exit(0)
 
     def finish(self, model, tokenizer) -> Path:
         """The final model in HF format (weights + tokenizer + RUN_FILE), written under a temporary name, then
-        renamed; then the run's summary."""
+        renamed; then the run's summary. Under torchrun every rank gathers the sharded weights, rank 0 writes."""
         final, tmp = self.dir / "final", self.dir / ".tmp_final"
-        save_model_and_tokenizer(model, tokenizer, tmp)  # reloads exactly, in plain transformers too
+        state_dict = None
+        if dist.is_sharded(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if getattr(model.config, "tie_word_embeddings", False):  # gathered apart; saved once, as one process does
+                state_dict.pop("lm_head.weight", None)
+        if not dist.is_main():
+            dist.close()
+            return final
+        save_model_and_tokenizer(model, tokenizer, tmp, state_dict)  # reloads exactly, in plain transformers too
         step = max((row["step"] for row in self.rows), default=self.step)
         (tmp / RUN_FILE).write_text(json.dumps({"preset": self.preset, "script": self.script, "step": step,
                                                 "run_dir": str(self.dir), "args": asdict(self.args)}, indent=1))
@@ -307,6 +333,7 @@ class Run:
             wandb_where = str(Path(self.wandb_run.dir).parent) if self.wandb_run.offline else self.wandb_run.url
             wandb.finish()
         print(self.summary(final, wandb_where))
+        dist.close()
         return final
 
     def summary(self, final: Path, wandb_where: str | None = None) -> str:
@@ -340,7 +367,10 @@ class Run:
         checkpoints = list_checkpoints(self.dir / "checkpoints")
         if checkpoints:
             ckpt_step = int(checkpoints[-1].name[len("step_"):])
-            lines.append(f"  resume: python {self.script} --resume {self.dir} --total-steps {2 * self.args.total_steps}"
+            launch = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', dist.WORLD)}" \
+                if dist.ON else "python"  # the same launch as this run's
+            lines.append(f"  resume: {launch} {self.script} --resume {self.dir} "
+                         f"--total-steps {2 * self.args.total_steps}"
                          f"  (from step {ckpt_step}; any --total-steps above {ckpt_step} trains further)")
         else:
             lines.append(f"  resume: no checkpoint in {self.dir} (train with --save-every N to resume)")

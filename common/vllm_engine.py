@@ -28,6 +28,7 @@ from functools import cache
 import numpy as np
 import torch
 
+from common import dist
 from common.stop_tokens import model_eos_ids
 
 
@@ -115,9 +116,11 @@ def checkpoint_tensors(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[t
     the CPU backend's prepacked copy of lm_head stale (log-prob errors ~0.7, tested); on CUDA
     it is one more vocab x hidden device copy.
     A generator: each tensor is cast just before vLLM copies it in, not all at once.
+    Under FSDP2 (torchrun) each sharded tensor is gathered just before it is sent: one tensor at a time, never a full
+    copy of the model.
     """
     for name, tensor in model.state_dict().items():  # state_dict() tensors are already detached
-        yield name, tensor.to(dtype)
+        yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).to(dtype)
 
 
 class VLLMEngine:
@@ -133,11 +136,17 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.3,
         enable_sleep_mode: bool | None = None,
         stop_token_ids: Sequence[int] = (),
+        tensor_parallel_size: int = 1,
     ):
         """model_dir: a saved HF model (config + safetensors) with the policy's architecture and names.
         gpu_memory_utilization: share of the GPU for the engine's weights and KV cache (ignored on CPU).
         enable_sleep_mode: free the engine's GPU memory between rollouts; default on CUDA only.
         stop_token_ids: ids that end a completion besides the model's eos id(s).
+        tensor_parallel_size: under torchrun, each group of this many consecutive ranks shares one engine (a model
+        too large for one GPU's share); 1: one engine per rank. Under torchrun the engine joins the trainer's
+        process group (vLLM's `external_launcher` executor, as TRL's colocate mode), so every rank builds its
+        engine at the same point; its seed is the run's on every rank (vLLM reseeds torch's global generator with
+        it, and replicated modules built after it must start equal); request seeds differ per engine (`generate`).
         """
         vllm = _import_vllm()
         self.on_cuda = torch.cuda.is_available()
@@ -149,6 +158,14 @@ class VLLMEngine:
         if not self.stop_token_ids:
             raise ValueError(f"{model_dir} has no eos_token_id: pass stop_token_ids, or completions never end")
         threads = torch.get_num_threads()
+        self.tp, self.tp_group = tensor_parallel_size, None
+        extra = {}
+        if dist.ON:
+            extra = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=self.tp)
+            if self.tp > 1:  # the ranks of one engine pool their prompts (`generate`)
+                self.tp_group, _ = torch.distributed.new_subgroups(group_size=self.tp)
+        elif self.tp > 1:
+            raise ValueError("tensor_parallel_size > 1 needs torchrun (one process per GPU)")
         self.llm = vllm.LLM(
             model=model_dir,
             dtype=dtype,
@@ -165,7 +182,10 @@ class VLLMEngine:
             # quiet unless --verbose; a VLLM_LOGGING_LEVEL set in the environment wins
             log_level=None if VERBOSE or "VLLM_LOGGING_LEVEL" in os.environ else "WARNING",
             use_tqdm_on_load=VERBOSE,
+            **extra,
         )
+        if dist.ON:
+            dist.BEFORE_CLOSE.append(self.close)
         # A vLLM GPU worker sets torch to 1 intra-op thread "for serving"; in-process that would be
         # the trainer's setting too. (On CPU vLLM pins threads and disables torch.set_num_threads.)
         if torch.get_num_threads() != threads:
@@ -227,14 +247,22 @@ class VLLMEngine:
                 seed=request_seed,
             )
 
+        mine = slice(0, len(prompt_ids))
+        if self.tp_group is not None:  # torchrun: the engine samples the prompts of every rank of its group
+            pooled = [None] * self.tp
+            torch.distributed.all_gather_object(pooled, [list(p) for p in prompt_ids], group=self.tp_group)
+            before = sum(len(p) for p in pooled[: torch.distributed.get_rank(self.tp_group)])
+            mine, prompt_ids = slice(before, before + len(prompt_ids)), [p for part in pooled for p in part]
         if seed is None:
             sampling = params(None)
-        else:  # unrelated per-prompt seeds, so neighbouring seeds or prompts share no sample stream
+        else:  # unrelated per-prompt seeds, so neighbouring seeds or prompts share no sample stream; torchrun: and
+            # engines (one seed per (seed, engine)), so two ranks' same-position prompts share none either
+            seed = dist.rank_seed(seed, self.tp)
             sampling = [params(int(s)) for s in np.random.SeedSequence(seed).generate_state(len(prompt_ids))]
         start = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], sampling, use_tqdm=False)
         seconds = time.perf_counter() - start
-        completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+        completions = [c for out in outputs[mine] for c in sorted(out.outputs, key=lambda c: c.index)]
         return RolloutBatch(
             completion_ids=[list(c.token_ids) for c in completions],
             logprobs=[[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in completions],
@@ -268,6 +296,15 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Shut the engine down and free its memory; another engine can then be built in this process."""
+        if dist.ON:  # vLLM's teardown ends with destroy_process_group() of the default group: the trainer's
+            from vllm.distributed import parallel_state
+
+            def destroy_vllm_world_only():
+                if parallel_state._WORLD:
+                    parallel_state._WORLD.destroy()
+                parallel_state._WORLD, parallel_state._NODE_COUNT = None, None
+
+            parallel_state.destroy_distributed_environment = destroy_vllm_world_only
         self.llm.llm_engine.engine_core.shutdown()  # also tears down vLLM's process-global distributed state
         del self.llm
         gc.collect()

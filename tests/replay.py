@@ -84,13 +84,14 @@ class Replay:
 
 
 def replay(script: str, rollouts: dict[str, list[str]], tmp_path: Path, *, flags=(), spy=(), engine=None,
-           timeout: float = 300) -> Replay:
+           timeout: float = 300, ranks: int = 1) -> Replay:
     """Run ROOT/script's `__main__` once on hand-built rollouts; fails the test if the script fails.
 
     rollouts: question -> the completion texts of its group (G of them); each becomes its token ids + EOS.
     flags: the script's flags (--output-dir is set here, and --vllm or --no-vllm: the default is vLLM on CUDA only).
     spy: names of functions defined in the script whose calls are recorded.
     engine: None (HF generate), or dict(sampler_delta=[floats]) for the replay engine (see the module docstring).
+    ranks: > 1 runs the script under `torchrun --standalone --nproc-per-node RANKS` (gloo); the records are rank 0's.
     """
     out = tmp_path / "runs"
     argv = [*flags, "--output-dir", str(out)] + (["--vllm"] if engine else ["--no-vllm"])
@@ -101,8 +102,10 @@ def replay(script: str, rollouts: dict[str, list[str]], tmp_path: Path, *, flags
     # CPU only, also on a GPU machine: fp32 everywhere (no bf16 autocast), so the loop's log-probs match the tests'
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
            "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, __file__, str(spec_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc-per-node", str(ranks)]
+    proc = subprocess.run([*launch, __file__, str(spec_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     records = torch.load(tmp_path / "spy.pt", weights_only=False)
     runs = sorted(out.iterdir()) if out.exists() else []
@@ -264,7 +267,8 @@ def main(spec_path: str) -> None:
         runpy.run_path(script, run_name="__main__")
     finally:
         sys.setprofile(None)
-        torch.save(RECORDS, spec["records"])
+        rank = int(os.environ.get("RANK", 0))  # under torchrun: rank 0's records are the test's
+        torch.save(RECORDS, spec["records"] + (f".rank{rank}" if rank else ""))
 
 
 if __name__ == "__main__":

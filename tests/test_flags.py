@@ -26,7 +26,8 @@ SCRIPTS = ["grpo", "clipo", "conspo", "cepo", "r2po"]
 BAD = [
     ("--group-size", "1", "2"), ("--prompts-per-step", "0", "1"), ("--max-new-tokens", "0", "1"),
     ("--max-prompt-len", "0", "1"), ("--temperature", "0", "0.01"), ("--top-p", "0", "1"), ("--top-p", "1.5", "0.5"),
-    ("--vllm-gpu-memory-utilization", "1.2", "1"), ("--tis-cap", "0", "0.5"), ("--total-steps", "0", "1"),
+    ("--vllm-gpu-memory-utilization", "1.2", "1"), ("--vllm-tensor-parallel-size", "2", "1"),
+    ("--tis-cap", "0", "0.5"), ("--total-steps", "0", "1"),
     ("--learning-rate", "-1", "1e-9"), ("--learning-rate", "0", "1e-9"), ("--weight-decay", "-0.1", "0"),
     ("--warmup-steps", "-1", "0"), ("--max-grad-norm", "0", "0.1"), ("--num-minibatches", "0", "1"),
     ("--update-epochs", "0", "1"), ("--micro-batch-size", "0", "1"), ("--adv-eps", "-1e-6", "0"),
