@@ -65,6 +65,10 @@ CASES = {  # id: (script, dataset, flags that make its one update exercise what 
     "grpo-drop-zero-std": ("grpo.py", IDLE, ["--total-steps", "1", "--drop-zero-std-groups"]),
     # rank 1 runs 2 padding micro-batches of a row with A != 0: an unzeroed padding loss would count it 3 times
     "grpo-padding": ("grpo.py", FEWER, ["--total-steps", "1", "--micro-batch-size", "2"]),
+    # a sharded reference model, gradient checkpointing under FSDP2, old log-probs and two optimizer steps (one
+    # mini-batch: with several, each rank splits its own rows, so the split differs from one process's)
+    "grpo-knobs": ("grpo.py", IDLE, ["--total-steps", "1", "--beta", "0.04", "--gradient-checkpointing",
+                                     "--update-epochs", "2", "--eps-high", "0.1"]),
     "clipo": ("clipo.py", IDLE, ["--total-steps", "1"]),  # the contrastive head's step, the bonus, the update
     "conspo": ("conspo.py", IDLE, ["--total-steps", "1"]),
     "cepo": ("cepo.py", IDLE, ["--total-steps", "1"]),  # lambda > 0 at step 1: the teachers' passes (rank 1: padding)
