@@ -116,11 +116,16 @@ def _sharded_states(objects: dict, paths: list[str] | None = None) -> dict:
     states = {path: get_model_state_dict(module) for path, module in modules.items()}
     for path, obj in leaves.items():
         if isinstance(obj, torch.optim.Optimizer) and (obj.state if paths is None else path in paths):
-            ids = {id(p) for group in obj.param_groups for p in group["params"]}
-            owner = [m for m in modules.values() if ids <= {id(p) for p in m.parameters()}]
-            if owner:
-                states[path] = get_optimizer_state_dict(owner[0], obj)
+            owner = _owner(obj, modules.values())
+            if owner is not None:
+                states[path] = get_optimizer_state_dict(owner, obj)
     return states
+
+
+def _owner(optimizer, modules):
+    """The sharded module whose parameters `optimizer` steps, or None."""
+    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return next((m for m in modules if ids <= {id(p) for p in m.parameters()}), None)
 
 
 def _plain_states(objects: dict, skip=()) -> dict:
@@ -187,15 +192,13 @@ def load_objects(ckpt: Path, state: dict, objects: dict) -> None:
         raise UserError(f"checkpoint {str(ckpt)!r} holds sharded states {state['sharded']}, this run has "
                         f"{sorted(sharded)}")
     dcp.load(sharded, checkpoint_id=ckpt / "sharded")
-    modules = {id(obj): obj for obj in leaves.values() if dist.is_sharded(obj)}
+    modules = [obj for obj in leaves.values() if dist.is_sharded(obj)]
     for path, sd in sharded.items():
         obj = leaves[path]
         if dist.is_sharded(obj):
             set_model_state_dict(obj, sd)
         else:
-            ids = {id(p) for group in obj.param_groups for p in group["params"]}
-            owner = [m for m in modules.values() if ids <= {id(p) for p in m.parameters()}][0]
-            set_optimizer_state_dict(owner, obj, sd)
+            set_optimizer_state_dict(_owner(obj, modules), obj, sd)
     for path, obj in leaves.items():
         if path not in sharded:
             obj.load_state_dict(state["plain"][path])
