@@ -18,7 +18,7 @@ Under torchrun each rank (one process per GPU, or per CPU slot with gloo):
 Small modules that are not sharded (CLIPO's contrastive head, R2PO's rollout head) are replicated: the same seed
 builds the same weights on every rank, and their gradients are averaged (`sync_grads`) before their optimizer step.
 Rank 0 logs (the metrics of all ranks, reduced: `reduce_metrics`), prints, and writes the final model; checkpoints
-save the sharded states with torch.distributed.checkpoint (common/run.py). docs/distributed.md has the details.
+save the sharded states with torch.distributed.checkpoint (common/checkpoint.py). docs/distributed.md has the details.
 """
 from __future__ import annotations
 
