@@ -75,11 +75,12 @@ class HFEngine:
                 lambda module, inputs, logits: logits + self.residual(inputs[0]))
         was_training = self.model.training
         self.model.eval()
-        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) \
-            if dist.WORLD > 1 and seed is not None else contextlib.nullcontext()
+        reseed = dist.WORLD > 1 and seed is not None  # torchrun: this rank's own stream, global RNG untouched
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if reseed \
+            else contextlib.nullcontext()
         try:
             with self.autocast, rng:
-                if dist.WORLD > 1 and seed is not None:
+                if reseed:
                     torch.manual_seed(dist.rank_seed(seed))
                 out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                           max_new_tokens=max_tokens, num_return_sequences=1 if greedy else n,
